@@ -1,0 +1,132 @@
+"""Command line, config file and environment; start-up and shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import configargparse
+
+from .errors import OperatorError
+from .store import PoolError
+
+log = logging.getLogger("udp_encap_tun")
+
+PROG = "udp-encap-tun"
+ENV_PREFIX = "UDP_ENCAP_TUN_"
+LINK_OVERHEAD = 8  # the UDP header: a TCP segment in UDP costs 8 bytes more than in IPv4
+
+
+class _Parser(configargparse.ArgParser):
+    def error(self, message):  # one line, not the whole usage
+        sys.stderr.write(f"{PROG}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise ValueError(text)
+    return value
+
+
+_port.__name__ = "port"
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise ValueError(text)
+        return value
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def build_parser() -> configargparse.ArgParser:
+    p = _Parser(
+        prog=PROG,
+        description="Carry TCP inside UDP through a tun device. With --endpoint-port it is a "
+                    "client, without it a server that gives each peer a generated address.",
+        auto_env_var_prefix=ENV_PREFIX,
+        args_for_setting_config_path=["--config"],
+        config_arg_help_message="config file (key = value lines, option names without --)",
+    )
+    p.add_argument("--interface", required=True, metavar="TUN",
+                   help="tun device to use; created if missing (and then removed on exit)")
+    p.add_argument("--listen-port", required=True, type=_port, metavar="PORT",
+                   help="local UDP port; all datagrams leave from it")
+    p.add_argument("--bind-to-interface", required=True, metavar="DEV",
+                   help="network interface the UDP socket is bound to (SO_BINDTODEVICE)")
+    p.add_argument("--endpoint-port", type=_port, metavar="PORT",
+                   help="client mode: send to each packet's IPv4 destination at this UDP port")
+    p.add_argument("--mtu", type=_positive(int), metavar="BYTES",
+                   help="tun MTU (default: MTU of --bind-to-interface minus 8)")
+    p.add_argument("--address-pool", metavar="CIDR",
+                   help="server: generated peer addresses (default: the tun address's subnet, "
+                        "minus network, broadcast and the tun's own address)")
+    p.add_argument("--address-key", default="", metavar="TEXT",
+                   help="server: secret that keys the peer-to-address hash (keep it stable so "
+                        "peers keep their address across restarts)")
+    p.add_argument("--peer-timeout", type=_positive(float), default=300.0, metavar="SECONDS",
+                   help="server: forget a peer this long after it was last heard from (default 300)")
+    p.add_argument("--max-peers", type=_positive(int), default=65536, metavar="N",
+                   help="server: at most this many peers at once (default 65536)")
+    p.add_argument("--no-offload", action="store_true",
+                   help="use the simple one-packet-per-system-call path")
+    p.add_argument("--log-level", default="info",
+                   choices=["debug", "info", "warning", "error"], help="default info")
+    return p
+
+
+def setup_logging(level: str) -> None:
+    # under systemd the journal adds its own timestamps
+    fmt = "%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM") else \
+        "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt, stream=sys.stderr)
+
+
+def run(args) -> None:
+    from .conn import open_udp
+    from .core import Router
+    from .device import Tunnel
+    from .store import AddressPool
+    from .tun import Tun, link_mtu
+
+    if args.endpoint_port is None and args.address_pool:
+        AddressPool(args.address_pool)  # validate before touching anything
+    mtu = args.mtu or link_mtu(args.bind_to_interface) - LINK_OVERHEAD
+    sock = open_udp(args.listen_port, args.bind_to_interface)
+    tun = None
+    try:
+        tun = Tun(args.interface)
+        tun.configure(mtu)
+        router = Router(args.endpoint_port, args.address_pool, args.peer_timeout,
+                        args.max_peers, args.address_key.encode())
+        tun.refresh_address()
+        router.set_tun_address(tun.address, tun.network)  # validates a derived pool
+        tunnel = Tunnel(router, tun, sock)
+        tunnel.run()
+        tunnel.log_counters()
+    finally:
+        if tun is not None:
+            tun.close()
+        sock.close()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        run(args)
+    except (OperatorError, PoolError) as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""The UDP socket (I/O edge): bound to an interface and the listen port."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+
+from .errors import OperatorError
+
+log = logging.getLogger(__name__)
+
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
+SOCKET_BUFFER = 8 << 20
+
+
+def open_udp(port: int, device: str, buffer: int = SOCKET_BUFFER) -> socket.socket:
+    """A UDP socket bound to *device* (SO_BINDTODEVICE) and 0.0.0.0:*port*.
+
+    Replies always leave from this socket, so from the listen port."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
+        except OSError as exc:
+            if exc.errno == errno.ENODEV:
+                raise OperatorError(f"no such interface: {device}") from None
+            if exc.errno == errno.EPERM:
+                raise OperatorError(f"cannot bind to interface {device}: operation not permitted "
+                                    "(needs CAP_NET_RAW)") from None
+            raise OperatorError(f"cannot bind to interface {device}: {exc.strerror}") from None
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OperatorError(f"UDP port {port} is already in use on {device}") from None
+            if exc.errno == errno.EACCES:
+                raise OperatorError(f"cannot bind UDP port {port}: permission denied") from None
+            raise OperatorError(f"cannot bind UDP port {port}: {exc.strerror}") from None
+        set_buffers(sock, buffer)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def set_buffers(sock: socket.socket, size: int) -> None:
+    """Large socket buffers: the FORCE variants where privileged, else as much as allowed."""
+    for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)

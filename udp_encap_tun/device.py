@@ -1,0 +1,183 @@
+"""The I/O loop: a selector over the tun, the UDP socket, the netlink address
+monitor and a signal wake-up pipe.  Packet decisions live in core.Router and
+packet.py; this file only moves bytes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+
+from . import packet as pk
+from .core import Router
+
+log = logging.getLogger(__name__)
+
+BATCH = 64  # packets handled per fd before looking at the others again
+HOUSEKEEPING = 1.0  # seconds between store expiry runs
+BUFSIZE = 65536
+
+
+class Tunnel:
+    def __init__(self, router: Router, tun, sock: socket.socket, clock=time.monotonic):
+        self.router = router
+        self.counters = router.counters
+        self.tun = tun
+        self.sock = sock
+        self.clock = clock
+        self.running = False
+        # RX buffer: room for the IPv4 header in front of the received segment
+        self.rxbuf = bytearray(pk.IPV4_HEADER_LEN + BUFSIZE)
+        self.rxview = memoryview(self.rxbuf)
+        self.txbuf = bytearray(BUFSIZE + 16)
+        self.txview = memoryview(self.txbuf)
+
+    # -- setup -----------------------------------------------------------
+    def _address_changed(self) -> None:
+        self.router.set_tun_address(self.tun.address, self.tun.network)
+
+    def run(self) -> None:
+        sel = selectors.DefaultSelector()
+        rpipe, wpipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_wakeup = signal.set_wakeup_fd(wpipe)
+        handlers = {s: signal.signal(s, lambda *_: None)
+                    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)}
+        monitor = self.tun.start_monitor()
+        self._address_changed()
+        self.sock.setblocking(False)
+        sel.register(self.tun.fd, selectors.EVENT_READ, self.on_tun)
+        sel.register(self.sock.fileno(), selectors.EVENT_READ, self.on_udp)
+        sel.register(monitor.fileno(), selectors.EVENT_READ, self.on_netlink)
+        sel.register(rpipe, selectors.EVENT_READ, lambda: self.on_signal(rpipe))
+        self.running = True
+        next_housekeeping = self.clock() + HOUSEKEEPING
+        log.info("ready: %s mode, tun %s, UDP port %d",
+                 "client" if self.router.client else "server", self.tun.name,
+                 self.sock.getsockname()[1])
+        try:
+            while self.running:
+                events = sel.select(max(0.0, next_housekeeping - self.clock()))
+                for key, _ in events:
+                    try:
+                        key.data()
+                    except Exception:  # a bug must not take the tunnel down
+                        self.counters["internal_error"] += 1
+                        log.exception("internal error (tunnel keeps running)")
+                now = self.clock()
+                if now >= next_housekeeping:
+                    self.housekeeping(now)
+                    next_housekeeping = now + HOUSEKEEPING
+        finally:
+            sel.close()
+            signal.set_wakeup_fd(old_wakeup)
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            os.close(rpipe)
+            os.close(wpipe)
+
+    def housekeeping(self, now: float) -> None:
+        store = self.router.store
+        if store is not None:
+            before = store.expired
+            store.expire(now)
+            if store.expired != before:
+                self.counters["peers_expired"] += store.expired - before
+
+    # -- events ------------------------------------------------------------
+    def on_signal(self, rpipe: int) -> None:
+        try:
+            signums = os.read(rpipe, 64)
+        except BlockingIOError:
+            return
+        for signum in signums:
+            if signum in (signal.SIGTERM, signal.SIGINT):
+                log.info("%s: stopping", signal.Signals(signum).name)
+                self.running = False
+            elif signum in (signal.SIGUSR1, signal.SIGHUP):
+                self.log_counters()
+
+    def log_counters(self) -> None:
+        log.info("counters %s", json.dumps(self.counters.snapshot(), sort_keys=True))
+
+    def on_netlink(self) -> None:
+        if self.tun.drain_monitor():
+            self._address_changed()
+
+    def on_tun(self) -> None:
+        """TX: packets from the tun become UDP datagrams."""
+        fd, buf, view = self.tun.fd, self.txbuf, self.txview
+        router, counters, sendto = self.router, self.counters, self.sock.sendto
+        now = self.clock()
+        for _ in range(BATCH):
+            try:
+                n = os.readv(fd, (buf,))
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                counters["tx_read_error"] += 1
+                log.debug("tun read: %s", exc)
+                return
+            pkt = view[:n]
+            reason = pk.classify_tx(pkt)
+            if reason is not None:
+                counters["tx_drop_" + reason] += 1
+                continue
+            total = (buf[2] << 8) | buf[3]
+            dest = router.tx_destination(bytes(view[16:20]), now, total - 20)
+            if dest is None:
+                continue
+            try:
+                sendto(view[20:total], dest)
+            except OSError as exc:
+                self._send_error(exc)
+                continue
+            counters["tx_packets"] += 1
+            counters["tx_bytes"] += total - 20
+
+    def _send_error(self, exc: OSError) -> None:
+        reason = "send_buffer_full" if exc.errno in (errno.EAGAIN, errno.ENOBUFS) else "send_error"
+        self.counters["tx_drop_" + reason] += 1
+        if reason == "send_error":
+            log.debug("sendto: %s", exc)
+
+    def on_udp(self) -> None:
+        """RX: datagrams become IPv4 packets written to the tun."""
+        buf, view = self.rxbuf, self.rxview
+        seg_view = view[pk.IPV4_HEADER_LEN:]
+        router, counters, recvfrom_into = self.router, self.counters, self.sock.recvfrom_into
+        fd = self.tun.fd
+        now = self.clock()
+        for _ in range(BATCH):
+            try:
+                n, peer = recvfrom_into(seg_view)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # e.g. ICMP errors queued on the socket
+                counters["rx_recv_error"] += 1
+                log.debug("recvfrom: %s", exc)
+                continue
+            reason = pk.classify_rx(seg_view[:n])
+            if reason is not None:
+                counters["rx_drop_" + reason] += 1
+                continue
+            addrs = router.rx_addresses(peer, now)
+            if addrs is None:
+                continue
+            src, dst, entry = addrs
+            pk.build_rx_packet(buf, n, router.next_ident(), src, dst)
+            try:
+                os.write(fd, view[:pk.IPV4_HEADER_LEN + n])
+            except OSError as exc:
+                counters["rx_drop_write_error"] += 1
+                log.debug("tun write: %s", exc)
+                continue
+            counters["rx_packets"] += 1
+            counters["rx_bytes"] += n
+            if entry is not None:
+                entry.rx_packets += 1
+                entry.rx_bytes += n

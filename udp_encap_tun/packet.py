@@ -1,0 +1,139 @@
+"""Pure IPv4/TCP packet logic: classification, header synthesis, checksums.
+
+No I/O here. Everything works on bytes-like objects and preallocated buffers so
+that the TX/RX paths (and the offload code) can share it.
+
+The Internet checksum is computed without a Python loop over the data: the
+ones'-complement sum of 16-bit big-endian words equals the value of the whole
+buffer, read as one big-endian integer, modulo 0xFFFF (because 2**16 == 1 mod
+0xFFFF), except that a non-zero sum is never 0 but 0xFFFF.  int.from_bytes and
+the modulo run in C.
+"""
+
+from __future__ import annotations
+
+import struct
+
+IPV4_HEADER_LEN = 20
+TCP_HEADER_MIN = 20
+IPPROTO_TCP = 6
+DEFAULT_TTL = 64
+MAX_UDP_PAYLOAD = 65507  # 65535 - 20 (IPv4) - 8 (UDP)
+
+# TCP flag bits (byte 13 of the TCP header)
+FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
+
+# TX drop reasons (a packet read from the tun that does not go on the wire)
+TX_NOT_IPV4 = "not_ipv4"
+TX_IP_OPTIONS = "ip_options"
+TX_TRUNCATED = "truncated"
+TX_FRAGMENT = "fragment"
+TX_NOT_TCP = "not_tcp"
+TX_BAD_TCP_HEADER = "bad_tcp_header"
+
+# RX drop reasons (a datagram that cannot be a TCP segment)
+RX_TOO_SHORT = "too_short"
+RX_BAD_DATA_OFFSET = "bad_data_offset"
+RX_TOO_LONG = "too_long"
+
+_IP_HDR = struct.Struct("!BBHHHBBH4s4s")
+
+
+def ones_sum(data, initial: int = 0) -> int:
+    """Ones'-complement 16-bit sum of *data* (odd length padded with zero), folded, plus *initial*."""
+    n = len(data)
+    value = int.from_bytes(data, "big")
+    if n & 1:
+        value <<= 8
+    total = value % 0xFFFF
+    if total == 0 and value:
+        total = 0xFFFF
+    total += initial
+    total = (total & 0xFFFF) + (total >> 16)
+    return (total & 0xFFFF) + (total >> 16)
+
+
+def checksum(data, initial: int = 0) -> int:
+    """Internet checksum (RFC 1071) of *data*, with *initial* a partial ones' sum."""
+    return ~ones_sum(data, initial) & 0xFFFF
+
+
+def pseudo_header_sum(src: bytes, dst: bytes, tcp_length: int) -> int:
+    """Folded ones' sum of the IPv4 TCP pseudo-header (not complemented)."""
+    return ones_sum(src + dst, IPPROTO_TCP + tcp_length)
+
+
+def classify_tx(packet) -> str | None:
+    """Return None if *packet* (an IPv4 packet read from the tun) can go on the
+    wire, otherwise the reason it is dropped.  On success the TCP segment is
+    ``packet[20:total_length(packet)]``."""
+    n = len(packet)
+    if n < IPV4_HEADER_LEN or packet[0] >> 4 != 4:
+        return TX_NOT_IPV4
+    if packet[0] != 0x45:
+        return TX_IP_OPTIONS if packet[0] & 0x0F > 5 else TX_NOT_IPV4
+    total = (packet[2] << 8) | packet[3]
+    if total > n or total < IPV4_HEADER_LEN:
+        return TX_TRUNCATED
+    if packet[9] != IPPROTO_TCP:
+        return TX_NOT_TCP
+    if ((packet[6] << 8) | packet[7]) & 0x3FFF:  # MF or fragment offset
+        return TX_FRAGMENT
+    if total - IPV4_HEADER_LEN < TCP_HEADER_MIN:
+        return TX_TRUNCATED
+    doff = (packet[IPV4_HEADER_LEN + 12] >> 4) * 4
+    if doff < TCP_HEADER_MIN or doff > total - IPV4_HEADER_LEN:
+        return TX_BAD_TCP_HEADER
+    return None
+
+
+def total_length(packet) -> int:
+    return (packet[2] << 8) | packet[3]
+
+
+def classify_rx(segment) -> str | None:
+    """Return None if *segment* (a UDP payload) can be a TCP segment, else the drop reason."""
+    n = len(segment)
+    if n < TCP_HEADER_MIN:
+        return RX_TOO_SHORT
+    if n > MAX_UDP_PAYLOAD:
+        return RX_TOO_LONG
+    doff = (segment[12] >> 4) * 4
+    if doff < TCP_HEADER_MIN or doff > n:
+        return RX_BAD_DATA_OFFSET
+    return None
+
+
+def write_ipv4_header(buf, offset: int, total_len: int, ident: int, src: bytes, dst: bytes,
+                      ttl: int = DEFAULT_TTL) -> None:
+    """Write a 20-byte IPv4 header for a TCP packet (DF set) with a correct checksum."""
+    _IP_HDR.pack_into(buf, offset, 0x45, 0, total_len, ident & 0xFFFF, 0x4000, ttl,
+                      IPPROTO_TCP, 0, src, dst)
+    csum = checksum(memoryview(buf)[offset:offset + IPV4_HEADER_LEN])
+    buf[offset + 10] = csum >> 8
+    buf[offset + 11] = csum & 0xFF
+
+
+def fill_tcp_checksum(buf, offset: int, length: int, src: bytes, dst: bytes) -> None:
+    """Compute the full TCP checksum of ``buf[offset:offset+length]`` for the
+    pseudo-header (src, dst) and store it in the segment."""
+    buf[offset + 16] = 0
+    buf[offset + 17] = 0
+    csum = checksum(memoryview(buf)[offset:offset + length], pseudo_header_sum(src, dst, length))
+    buf[offset + 16] = csum >> 8
+    buf[offset + 17] = csum & 0xFF
+
+
+def tcp_checksum_ok(packet) -> bool:
+    """True if the TCP checksum of an IPv4 packet (20-byte header) verifies."""
+    total = total_length(packet)
+    seg = memoryview(packet)[IPV4_HEADER_LEN:total]
+    return ones_sum(seg, pseudo_header_sum(bytes(packet[12:16]), bytes(packet[16:20]), len(seg))) == 0xFFFF
+
+
+def build_rx_packet(buf: bytearray, seg_len: int, ident: int, src: bytes, dst: bytes) -> None:
+    """Turn ``buf[20:20+seg_len]`` (a received TCP segment) into a full IPv4
+    packet ``buf[:20+seg_len]``: header synthesized, TCP checksum made valid for
+    (src, dst)."""
+    fill_tcp_checksum(buf, IPV4_HEADER_LEN, seg_len, src, dst)
+    write_ipv4_header(buf, 0, IPV4_HEADER_LEN + seg_len, ident, src, dst)

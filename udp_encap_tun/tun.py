@@ -1,0 +1,127 @@
+"""The tun device (I/O edge): open or create it, configure it with pyroute2,
+follow its IPv4 address through netlink, remove it on exit if we created it."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import logging
+import os
+import struct
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR
+
+from .errors import OperatorError
+
+log = logging.getLogger(__name__)
+
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+
+IFNAMSIZ = 16
+
+
+class Tun:
+    """An open tun device.  ``fd`` is non-blocking."""
+
+    def __init__(self, name: str, vnet_hdr: bool = False):
+        if not name or len(name) >= IFNAMSIZ or "/" in name or " " in name:
+            raise OperatorError(f"invalid interface name {name!r}")
+        self.name = name
+        self.ipr = IPRoute()
+        self.created = not self.ipr.link_lookup(ifname=name)
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except PermissionError:
+            raise OperatorError("cannot open /dev/net/tun: permission denied "
+                                "(run as root or with CAP_NET_ADMIN)") from None
+        except FileNotFoundError:
+            raise OperatorError("/dev/net/tun does not exist (is the tun module loaded?)") from None
+        flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno == errno.EPERM:
+                raise OperatorError(f"cannot attach tun {name}: operation not permitted "
+                                    "(needs CAP_NET_ADMIN)") from None
+            if exc.errno == errno.EINVAL:
+                raise OperatorError(f"cannot attach tun {name}: an interface of that name "
+                                    "exists and is not a tun device") from None
+            if exc.errno == errno.EBUSY:
+                raise OperatorError(f"cannot attach tun {name}: it is in use by another process") from None
+            raise OperatorError(f"cannot attach tun {name}: {exc.strerror}") from None
+        self.fd = fd
+        self.vnet_hdr = vnet_hdr
+        self.index = self.ipr.link_lookup(ifname=name)[0]
+        self.address: bytes | None = None  # the tun's own IPv4 address, 4 bytes
+        self.network: ipaddress.IPv4Network | None = None
+        self.monitor: IPRoute | None = None
+
+    def set_offload(self, flags: int) -> None:
+        fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
+
+    def configure(self, mtu: int) -> None:
+        """Set the MTU and bring the link up."""
+        try:
+            self.ipr.link("set", index=self.index, mtu=mtu, state="up")
+        except Exception as exc:  # pyroute2 raises NetlinkError
+            raise OperatorError(f"cannot set MTU {mtu} on {self.name}: {exc}") from None
+
+    def start_monitor(self) -> IPRoute:
+        """A netlink socket that becomes readable when IPv4 addresses change."""
+        self.monitor = IPRoute()
+        self.monitor.bind(groups=RTMGRP_IPV4_IFADDR)
+        self.refresh_address()
+        return self.monitor
+
+    def drain_monitor(self) -> bool:
+        """Read pending address events; True if the tun's address changed."""
+        relevant = any(m.get("index") == self.index for m in self.monitor.get())
+        return relevant and self.refresh_address()
+
+    def refresh_address(self) -> bool:
+        addrs = self.ipr.get_addr(index=self.index, family=2)
+        if addrs:
+            iface = ipaddress.IPv4Interface(f"{addrs[0].get_attr('IFA_ADDRESS')}/{addrs[0]['prefixlen']}")
+            address, network = iface.ip.packed, iface.network
+        else:
+            address, network = None, None
+        changed = (address, network) != (self.address, self.network)
+        self.address, self.network = address, network
+        if changed:
+            log.info("tun %s address: %s", self.name,
+                     f"{ipaddress.IPv4Address(address)}/{network.prefixlen}" if address else "none")
+        return changed
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self.created:
+            # a non-persistent tun goes away with its fd; make sure anyway
+            try:
+                if self.ipr.link_lookup(ifname=self.name):
+                    self.ipr.link("del", ifname=self.name)
+            except Exception as exc:  # pragma: no cover - best effort on exit
+                log.warning("could not remove %s: %s", self.name, exc)
+        self.ipr.close()
+
+
+def link_mtu(ifname: str) -> int:
+    with IPRoute() as ipr:
+        links = ipr.get_links(ifname=ifname) if ipr.link_lookup(ifname=ifname) else []
+        if not links:
+            raise OperatorError(f"no such interface: {ifname}")
+        return links[0].get_attr("IFLA_MTU")
