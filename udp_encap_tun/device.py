@@ -15,6 +15,7 @@ import time
 
 from . import packet as pk
 from .core import Router
+from .store import PoolError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,11 @@ class Tunnel:
 
     # -- setup -----------------------------------------------------------
     def _address_changed(self) -> None:
-        self.router.set_tun_address(self.tun.address, self.tun.network)
+        try:
+            self.router.set_tun_address(self.tun.address, self.tun.network)
+        except PoolError as exc:
+            self.router.store = None
+            log.error("%s: new peers are refused until the tun address or pool is fixed", exc)
 
     def run(self) -> None:
         sel = selectors.DefaultSelector()

@@ -1,0 +1,120 @@
+import struct
+
+import pytest
+from hypothesis import given, strategies as st
+
+from udp_encap_tun import packet as pk
+
+
+def reference_checksum(data: bytes, initial: int = 0) -> int:
+    """RFC 1071 the slow, obvious way."""
+    if len(data) % 2:
+        data += b"\0"
+    total = initial
+    for (word,) in struct.iter_unpack("!H", data):
+        total += word
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def test_checksum_rfc1071_example():
+    # RFC 1071 section 3: words 0001 f203 f4f5 f6f7 sum to ddf2
+    assert pk.ones_sum(bytes.fromhex("0001f203f4f5f6f7")) == 0xDDF2
+    assert pk.checksum(bytes.fromhex("0001f203f4f5f6f7")) == 0x220D
+
+
+def test_known_ipv4_header_checksum():
+    # a widely used textbook header: 4500 0073 0000 4000 4011 b861 c0a8 0001 c0a8 00c7
+    hdr = bytes.fromhex("450000730000400040110000c0a80001c0a800c7")
+    assert pk.checksum(hdr) == 0xB861
+
+
+@pytest.mark.parametrize("data", [b"", b"\x00", b"\xff\xff", b"\xff\xff" * 7, b"\x12", b"\x00\x00\x00"])
+def test_checksum_edge_cases(data):
+    assert pk.checksum(data) == reference_checksum(data)
+
+
+@given(st.binary(max_size=3000), st.integers(0, 0xFFFF))
+def test_checksum_matches_reference(data, initial):
+    assert pk.checksum(data, initial) == reference_checksum(data, initial)
+
+
+def tcp_segment(payload=b"hello", flags=pk.ACK | pk.PSH, doff=5, options=b""):
+    hdr = struct.pack("!HHIIBBHHH", 40000, 7000, 1000, 2000, doff << 4, flags, 65535, 0xBEEF, 0)
+    return hdr + options + payload
+
+
+def ipv4(segment, proto=pk.IPPROTO_TCP, ihl=5, frag=0x4000, total=None, version=4):
+    total = 20 + (ihl - 5) * 4 + len(segment) if total is None else total
+    hdr = struct.pack("!BBHHHBBH4s4s", (version << 4) | ihl, 0, total, 1, frag, 64, proto, 0,
+                      bytes([10, 0, 0, 2]), bytes([192, 0, 2, 2]))
+    return hdr + b"\0" * ((ihl - 5) * 4) + segment
+
+
+def test_classify_tx_accepts_tcp():
+    assert pk.classify_tx(ipv4(tcp_segment())) is None
+
+
+@pytest.mark.parametrize("packet,reason", [
+    (b"", pk.TX_NOT_IPV4),
+    (b"\x45" * 10, pk.TX_NOT_IPV4),
+    (ipv4(tcp_segment(), version=6), pk.TX_NOT_IPV4),
+    (ipv4(tcp_segment(), ihl=6), pk.TX_IP_OPTIONS),
+    (ipv4(tcp_segment(), proto=17), pk.TX_NOT_TCP),
+    (ipv4(tcp_segment(), frag=0x2000), pk.TX_FRAGMENT),  # MF
+    (ipv4(tcp_segment(), frag=0x0010), pk.TX_FRAGMENT),  # offset
+    (ipv4(tcp_segment(), total=200), pk.TX_TRUNCATED),
+    (ipv4(tcp_segment()[:10]), pk.TX_TRUNCATED),
+    (ipv4(tcp_segment(doff=4)), pk.TX_BAD_TCP_HEADER),
+    (ipv4(tcp_segment(payload=b"", doff=6)), pk.TX_BAD_TCP_HEADER),
+])
+def test_classify_tx_drops(packet, reason):
+    assert pk.classify_tx(packet) == reason
+
+
+def test_classify_tx_ignores_trailing_bytes():
+    pkt = ipv4(tcp_segment()) + b"junk"
+    assert pk.classify_tx(pkt) is None
+    assert pk.total_length(pkt) == len(pkt) - 4
+
+
+@pytest.mark.parametrize("segment,reason", [
+    (b"", pk.RX_TOO_SHORT),
+    (b"\x00" * 19, pk.RX_TOO_SHORT),
+    (tcp_segment(doff=4), pk.RX_BAD_DATA_OFFSET),
+    (tcp_segment(payload=b"", doff=15), pk.RX_BAD_DATA_OFFSET),
+    (tcp_segment(payload=b"x" * 65500), pk.RX_TOO_LONG),
+    (tcp_segment(), None),
+    (tcp_segment(payload=b"", options=b"\x01" * 40, doff=15), None),
+])
+def test_classify_rx(segment, reason):
+    assert pk.classify_rx(segment) == reason
+
+
+@given(st.binary(max_size=200))
+def test_classify_never_raises(data):
+    pk.classify_rx(data)
+    pk.classify_tx(data)
+
+
+def test_build_rx_packet_makes_valid_ipv4_and_tcp():
+    seg = tcp_segment(b"payload!" * 100 + b"odd")
+    buf = bytearray(20 + len(seg))
+    buf[20:] = seg
+    src, dst = bytes([10, 0, 0, 7]), bytes([10, 0, 0, 1])
+    pk.build_rx_packet(buf, len(seg), 0x1234, src, dst)
+    ver_ihl, tos, total, ident, frag, ttl, proto, _, s, d = struct.unpack("!BBHHHBBH4s4s", buf[:20])
+    assert (ver_ihl, total, ident, frag, ttl, proto, s, d) == (0x45, len(buf), 0x1234, 0x4000, 64, 6, src, dst)
+    assert pk.checksum(bytes(buf[:20])) == 0
+    assert pk.tcp_checksum_ok(bytes(buf))
+    assert pk.classify_tx(bytes(buf)) is None  # what we write is what a TX would accept
+    assert bytes(buf[20:36]) == seg[:16] and bytes(buf[38:]) == seg[18:]  # only the checksum changed
+
+
+def test_build_rx_packet_overrides_any_incoming_checksum():
+    seg = bytearray(tcp_segment(b"x" * 33))
+    seg[16:18] = b"\x12\x34"  # whatever the sender's pseudo-header gave
+    buf = bytearray(20) + seg
+    pk.build_rx_packet(buf, len(seg), 1, bytes(4), bytes([255] * 4))
+    assert pk.tcp_checksum_ok(bytes(buf))
