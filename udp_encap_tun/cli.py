@@ -88,9 +88,9 @@ def setup_logging(level: str) -> None:
 
 
 def run(args) -> None:
-    from .conn import open_udp
+    from .conn import open_udp, probe_udp_offload
     from .core import Router
-    from .device import Tunnel
+    from .device import OffloadTunnel, Tunnel
     from .store import AddressPool
     from .tun import Tun, link_mtu
 
@@ -100,13 +100,25 @@ def run(args) -> None:
     sock = open_udp(args.listen_port, args.bind_to_interface)
     tun = None
     try:
-        tun = Tun(args.interface)
+        offload = not args.no_offload
+        tun = Tun(args.interface, vnet_hdr=offload)
+        if offload and not tun.enable_offload():
+            tun.close()
+            offload = False
+            tun = Tun(args.interface)
         tun.configure(mtu)
         router = Router(args.endpoint_port, args.address_pool, args.peer_timeout,
                         args.max_peers, args.address_key.encode())
         tun.refresh_address()
         router.set_tun_address(tun.address, tun.network)  # validates a derived pool
-        tunnel = Tunnel(router, tun, sock)
+        if offload:
+            gso, gro = probe_udp_offload(sock)
+            tunnel = OffloadTunnel(router, tun, sock, gso, gro)
+            log.info("data path: offload (TUN TSO and checksum; UDP GSO %s, GRO %s)",
+                     "on" if gso else "off (one sendto per segment)", "on" if gro else "off")
+        else:
+            tunnel = Tunnel(router, tun, sock)
+            log.info("data path: simple (one packet per system call)")
         tunnel.run()
         tunnel.log_counters()
     finally:

@@ -45,6 +45,26 @@ def open_udp(port: int, device: str, buffer: int = SOCKET_BUFFER) -> socket.sock
     return sock
 
 
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+
+
+def probe_udp_offload(sock: socket.socket) -> tuple[bool, bool]:
+    """(gso, gro): whether this kernel takes UDP_SEGMENT sends and UDP_GRO receives."""
+    try:
+        sock.getsockopt(SOL_UDP, UDP_SEGMENT)
+        gso = True
+    except OSError:
+        gso = False
+    try:
+        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        gro = True
+    except OSError:
+        gro = False
+    return gso, gro
+
+
 def set_buffers(sock: socket.socket, size: int) -> None:
     """Large socket buffers: the FORCE variants where privileged, else as much as allowed."""
     for force, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF), (SO_SNDBUFFORCE, socket.SO_SNDBUF)):

@@ -66,8 +66,15 @@ class Tun:
         self.network: ipaddress.IPv4Network | None = None
         self.monitor: IPRoute | None = None
 
-    def set_offload(self, flags: int) -> None:
-        fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
+    def enable_offload(self) -> bool:
+        """Ask for TCP segmentation and checksum offload (needs IFF_VNET_HDR)."""
+        try:
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
+        except OSError as exc:
+            log.warning("tun %s refuses TSO/checksum offload (%s): using the simple path",
+                        self.name, exc.strerror)
+            return False
+        return True
 
     def configure(self, mtu: int) -> None:
         """Set the MTU and bring the link up."""
