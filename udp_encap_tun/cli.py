@@ -104,21 +104,20 @@ def run(args) -> None:
         tun = Tun(args.interface, vnet_hdr=offload)
         if offload and not tun.enable_offload():
             tun.close()
-            offload = False
+            tun, offload = None, False
             tun = Tun(args.interface)
         tun.configure(mtu)
         router = Router(args.endpoint_port, args.address_pool, args.peer_timeout,
                         args.max_peers, args.address_key.encode())
         tun.refresh_address()
         router.set_tun_address(tun.address, tun.network)  # validates a derived pool
+        services = []
         if offload:
             gso, gro = probe_udp_offload(sock)
-            tunnel = OffloadTunnel(router, tun, sock, gso, gro)
-            log.info("data path: offload (TUN TSO and checksum; UDP GSO %s, GRO %s)",
-                     "on" if gso else "off (one sendto per segment)", "on" if gro else "off")
+            tunnel = OffloadTunnel(router, tun, sock, gso, gro, services=services)
         else:
-            tunnel = Tunnel(router, tun, sock)
-            log.info("data path: simple (one packet per system call)")
+            tunnel = Tunnel(router, tun, sock, services=services)
+        log.info("data path: %s", tunnel.data_path)
         tunnel.run()
         tunnel.log_counters()
     finally:

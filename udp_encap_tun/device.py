@@ -27,9 +27,29 @@ HOUSEKEEPING = 1.0  # seconds between store expiry runs
 BUFSIZE = 65536
 
 
+class Service:
+    """Something that lives beside the data path in the same loop (status
+    socket, service manager notification, keepalive...).  Override what you need."""
+
+    def watch(self, tunnel: "Tunnel"):
+        """(fd, callback) pairs to watch for reading; called once at start."""
+        return ()
+
+    def ready(self, tunnel: "Tunnel") -> None:
+        """The tun and the socket are up and the loop is about to run."""
+
+    def tick(self, tunnel: "Tunnel", now: float) -> None:
+        """Called about every HOUSEKEEPING seconds."""
+
+    def close(self, tunnel: "Tunnel") -> None:
+        """The loop has ended."""
+
+
 class Tunnel:
-    def __init__(self, router: Router, tun, sock: socket.socket, clock=time.monotonic):
+    def __init__(self, router: Router, tun, sock: socket.socket, clock=time.monotonic,
+                 services=()):
         self.router = router
+        self.services = list(services)
         self.counters = router.counters
         self.tun = tun
         self.sock = sock
@@ -40,6 +60,7 @@ class Tunnel:
         self.rxview = memoryview(self.rxbuf)
         self.txbuf = bytearray(BUFSIZE + 16)
         self.txview = memoryview(self.txbuf)
+        self.data_path = "simple (one packet per system call)"
 
     # -- setup -----------------------------------------------------------
     def _address_changed(self) -> None:
@@ -62,11 +83,16 @@ class Tunnel:
         sel.register(self.sock.fileno(), selectors.EVENT_READ, self.on_udp)
         sel.register(monitor.fileno(), selectors.EVENT_READ, self.on_netlink)
         sel.register(rpipe, selectors.EVENT_READ, lambda: self.on_signal(rpipe))
+        for service in self.services:
+            for fd, callback in service.watch(self):
+                sel.register(fd, selectors.EVENT_READ, callback)
         self.running = True
         next_housekeeping = self.clock() + HOUSEKEEPING
         log.info("ready: %s mode, tun %s, UDP port %d",
                  "client" if self.router.client else "server", self.tun.name,
                  self.sock.getsockname()[1])
+        for service in self.services:
+            service.ready(self)
         try:
             while self.running:
                 events = sel.select(max(0.0, next_housekeeping - self.clock()))
@@ -81,6 +107,8 @@ class Tunnel:
                     self.housekeeping(now)
                     next_housekeeping = now + HOUSEKEEPING
         finally:
+            for service in self.services:
+                service.close(self)
             sel.close()
             signal.set_wakeup_fd(old_wakeup)
             for s, h in handlers.items():
@@ -95,6 +123,8 @@ class Tunnel:
             store.expire(now)
             if store.expired != before:
                 self.counters["peers_expired"] += store.expired - before
+        for service in self.services:
+            service.tick(self, now)
 
     # -- events ------------------------------------------------------------
     def on_signal(self, rpipe: int) -> None:
@@ -204,10 +234,12 @@ class OffloadTunnel(Tunnel):
     coalesced per peer into super-packets the kernel checksums (NEEDS_CSUM)."""
 
     def __init__(self, router: Router, tun, sock: socket.socket, gso: bool, gro: bool,
-                 clock=time.monotonic):
-        super().__init__(router, tun, sock, clock)
+                 clock=time.monotonic, services=()):
+        super().__init__(router, tun, sock, clock, services)
         self.gso = gso
         self.gro = gro
+        self.data_path = "offload (TUN TSO and checksum; UDP GSO %s, GRO %s)" % (
+            "on" if gso else "off: one sendto per segment", "on" if gro else "off")
         self.rxarea = bytearray(RX_AREA)
         self.rxareaview = memoryview(self.rxarea)
         self.cmsg_space = socket.CMSG_SPACE(4)
