@@ -118,3 +118,35 @@ def test_build_rx_packet_overrides_any_incoming_checksum():
     buf = bytearray(20) + seg
     pk.build_rx_packet(buf, len(seg), 1, bytes(4), bytes([255] * 4))
     assert pk.tcp_checksum_ok(bytes(buf))
+
+
+def syn(options: bytes) -> bytearray:
+    pad = (-len(options)) % 4
+    return bytearray(tcp_segment(b"", flags=pk.SYN, doff=5 + (len(options) + pad) // 4,
+                                 options=options + b"\0" * pad))
+
+
+@pytest.mark.parametrize("options,expected,changed", [
+    (b"\x02\x04\x05\xb4", 1400, True),  # MSS 1460 -> 1400
+    (b"\x02\x04\x05\x00", 1280, False),  # already smaller
+    (b"\x01\x01\x04\x02\x02\x04\x05\xb4", 1400, True),  # after NOPs and SACK-permitted
+    (b"\x08\x0a" + b"\0" * 8 + b"\x02\x04\x05\xb4", 1400, True),  # after a timestamp
+])
+def test_clamp_mss(options, expected, changed):
+    seg = syn(options)
+    assert pk.clamp_mss(seg, 1400) is changed
+    i = bytes(seg).index(b"\x02\x04", 20)
+    assert int.from_bytes(seg[i + 2:i + 4], "big") == expected
+
+
+@pytest.mark.parametrize("options", [b"", b"\x00\x02\x04\x05\xb4", b"\x03", b"\x05\x00", b"\x05\x30\x01\x01"])
+def test_clamp_mss_without_usable_option_changes_nothing(options):
+    seg = syn(options)
+    before = bytes(seg)
+    assert pk.clamp_mss(seg, 1000) is False
+    assert bytes(seg) == before
+
+
+@given(st.binary(min_size=0, max_size=40))
+def test_clamp_mss_never_raises(options):
+    pk.clamp_mss(syn(options), 536)

@@ -73,6 +73,15 @@ def build_parser() -> configargparse.ArgParser:
                    help="server: forget a peer this long after it was last heard from (default 300)")
     p.add_argument("--max-peers", type=_positive(int), default=65536, metavar="N",
                    help="server: at most this many peers at once (default 65536)")
+    p.add_argument("--tun-address", metavar="CIDR",
+                   help="give the tun this IPv4 address/prefix at start (removed on exit)")
+    p.add_argument("--route", action="append", default=[], metavar="CIDR",
+                   help="route this prefix into the tun (repeatable; removed on exit)")
+    p.add_argument("--keepalive", type=_positive(float), metavar="SECONDS",
+                   help="client: send an empty datagram to each server this often while "
+                        "idle, to keep NAT mappings and the server's entry alive")
+    p.add_argument("--no-clamp-mss", action="store_true",
+                   help="do not lower the MSS option of SYNs to fit the tun MTU")
     p.add_argument("--no-offload", action="store_true",
                    help="use the simple one-packet-per-system-call path")
     p.add_argument("--log-level", default="info",
@@ -91,11 +100,15 @@ def run(args) -> None:
     from .conn import open_udp, probe_udp_offload
     from .core import Router
     from .device import OffloadTunnel, Tunnel
+    from .keepalive import Keepalive
     from .store import AddressPool
     from .tun import Tun, link_mtu
 
-    if args.endpoint_port is None and args.address_pool:
-        AddressPool(args.address_pool)  # validate before touching anything
+    if args.endpoint_port is None:
+        if args.keepalive:
+            raise OperatorError("--keepalive is for client mode (with --endpoint-port)")
+        if args.address_pool:
+            AddressPool(args.address_pool)  # validate before touching anything
     mtu = args.mtu or link_mtu(args.bind_to_interface) - LINK_OVERHEAD
     sock = open_udp(args.listen_port, args.bind_to_interface)
     tun = None
@@ -107,11 +120,16 @@ def run(args) -> None:
             tun, offload = None, False
             tun = Tun(args.interface)
         tun.configure(mtu)
+        if args.tun_address:
+            tun.add_address(args.tun_address)
+        for cidr in args.route:
+            tun.add_route(cidr)
         router = Router(args.endpoint_port, args.address_pool, args.peer_timeout,
-                        args.max_peers, args.address_key.encode())
+                        args.max_peers, args.address_key.encode(),
+                        mss=None if args.no_clamp_mss else mtu - 40)
         tun.refresh_address()
         router.set_tun_address(tun.address, tun.network)  # validates a derived pool
-        services = []
+        services = [Keepalive(args.keepalive)] if args.keepalive else []
         if offload:
             gso, gro = probe_udp_offload(sock)
             tunnel = OffloadTunnel(router, tun, sock, gso, gro, services=services)

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 # drop reasons decided here (packet.py has the parsing ones)
 TX_UNKNOWN_PEER = "unknown_peer"
 TX_NO_TUN_ADDRESS = RX_NO_TUN_ADDRESS = "no_tun_address"
+KEEPALIVE_FORGET = 86400.0  # stop keeping a server's mapping alive after a day without TCP
 
 
 class Counters(Counter):
@@ -29,8 +30,11 @@ class Router:
     """Client mode when *endpoint_port* is set, server mode otherwise."""
 
     def __init__(self, endpoint_port: int | None = None, pool_cidr: str | None = None,
-                 timeout: float = 300.0, max_peers: int = 65536, pool_key: bytes = b""):
+                 timeout: float = 300.0, max_peers: int = 65536, pool_key: bytes = b"",
+                 mss: int | None = None):
         self.endpoint_port = endpoint_port
+        self.mss = mss  # clamp the MSS of SYNs crossing the tunnel to this (None: off)
+        self.remotes: dict = {}  # client: (host, port) -> last TX/RX time, for keepalives
         self.pool_cidr = pool_cidr
         self.pool_key = pool_key
         self.timeout = timeout
@@ -80,7 +84,9 @@ class Router:
             host = self._ntoa.get(dst)
             if host is None:
                 host = self._cache_ntoa(dst)
-            return (host, self.endpoint_port)
+            dest = (host, self.endpoint_port)
+            self.remotes[dest] = now
+            return dest
         store = self.store
         entry = store.lookup_address(dst, now) if store is not None else None
         if entry is None:
@@ -91,8 +97,9 @@ class Router:
         return entry.peer
 
     def _cache_ntoa(self, dst: bytes) -> str:
-        if len(self._ntoa) > 4096:
+        if len(self._ntoa) > 4096:  # bounded: a scan through the tun must not grow memory
             self._ntoa.clear()
+            self.remotes.clear()
         host = self._ntoa[bytes(dst)] = socket.inet_ntoa(dst)
         return host
 
@@ -125,6 +132,19 @@ class Router:
             self.counters["peers_added"] += 1
             log.info("new peer %s:%d -> %s", *peer, ipaddress.IPv4Address(entry.address))
         return entry.address, dst, entry
+
+    def keepalive_received(self, peer, now: float) -> None:
+        """An empty datagram: refresh the peer's entry (never creates one)."""
+        self.counters["rx_keepalives"] += 1
+        if self.store is not None:
+            self.store.lookup_peer(peer, now)
+
+    def keepalive_targets(self, now: float, forget: float = KEEPALIVE_FORGET):
+        """Client: the servers TCP went to in the last *forget* seconds."""
+        for dest, last in list(self.remotes.items()):
+            if now - last > forget:
+                del self.remotes[dest]
+        return list(self.remotes)
 
     def next_ident(self) -> int:
         self.ident = (self.ident + 1) & 0xFFFF

@@ -169,6 +169,8 @@ class Tunnel:
             dest = router.tx_destination(bytes(view[16:20]), now, total - 20)
             if dest is None:
                 continue
+            if buf[33] & pk.SYN and router.mss:
+                self._clamp(view[20:total], "tx")
             try:
                 sendto(view[20:total], dest)
             except OSError as exc:
@@ -176,6 +178,10 @@ class Tunnel:
                 continue
             counters["tx_packets"] += 1
             counters["tx_bytes"] += total - 20
+
+    def _clamp(self, segment, direction: str) -> None:
+        if pk.clamp_mss(segment, self.router.mss):
+            self.counters[direction + "_mss_clamped"] += 1
 
     def _send_error(self, exc: OSError) -> None:
         reason = "send_buffer_full" if exc.errno in (errno.EAGAIN, errno.ENOBUFS) else "send_error"
@@ -201,12 +207,17 @@ class Tunnel:
                 continue
             reason = pk.classify_rx(seg_view[:n])
             if reason is not None:
-                counters["rx_drop_" + reason] += 1
+                if n == 0:
+                    router.keepalive_received(peer, now)
+                else:
+                    counters["rx_drop_" + reason] += 1
                 continue
             addrs = router.rx_addresses(peer, now)
             if addrs is None:
                 continue
             src, dst, entry = addrs
+            if buf[33] & pk.SYN and router.mss:
+                self._clamp(seg_view[:n], "rx")
             pk.build_rx_packet(buf, n, router.next_ident(), src, dst)
             try:
                 os.write(fd, view[:pk.IPV4_HEADER_LEN + n])
@@ -273,6 +284,8 @@ class OffloadTunnel(Tunnel):
             dest = router.tx_destination(bytes(pkt[16:20]), now, total - 20)
             if dest is None:
                 continue
+            if pkt[33] & pk.SYN and router.mss:
+                self._clamp(pkt[20:total], "tx")
             if gso_type & ~ol.GSO_ECN == ol.GSO_TCPV4 and gso_size:
                 batches = ol.tso_split(pkt[:total], gso_size)
             elif gso_type == ol.GSO_NONE:
@@ -323,12 +336,16 @@ class OffloadTunnel(Tunnel):
             for level, kind, data in ancdata:
                 if level == SOL_UDP and kind == UDP_GRO:
                     seg_size = int.from_bytes(data[:4], sys.byteorder)
-            segments = ol.split_gro(view[off:off + n], n, seg_size)
+            if n == 0:
+                router.keepalive_received(peer, now)
+                continue
             good = []
-            for seg in segments:
+            for seg in ol.split_gro(view[off:off + n], n, seg_size):
                 reason = classify_rx(seg)
                 if reason is None:
                     good.append(seg)
+                    if seg[13] & pk.SYN and router.mss:
+                        self._clamp(seg, "rx")
                 else:
                     counters["rx_drop_" + reason] += 1
             off += n

@@ -137,3 +137,32 @@ def build_rx_packet(buf: bytearray, seg_len: int, ident: int, src: bytes, dst: b
     (src, dst)."""
     fill_tcp_checksum(buf, IPV4_HEADER_LEN, seg_len, src, dst)
     write_ipv4_header(buf, 0, IPV4_HEADER_LEN + seg_len, ident, src, dst)
+
+
+def clamp_mss(segment, mss_max: int) -> bool:
+    """Lower the MSS option of a TCP SYN segment (writable buffer starting at
+    the TCP header) to *mss_max*.  True if it changed.  The TCP checksum is
+    not touched: the receiving end recomputes it (see build_rx_packet), and on
+    RX this runs before our own checksum is computed."""
+    end = (segment[12] >> 4) * 4
+    i = TCP_HEADER_MIN
+    while i < end:
+        kind = segment[i]
+        if kind == 0:  # end of option list
+            return False
+        if kind == 1:  # no-operation
+            i += 1
+            continue
+        if i + 1 >= end:
+            return False
+        size = segment[i + 1]
+        if size < 2 or i + size > end:
+            return False
+        if kind == 2 and size == 4:
+            if (segment[i + 2] << 8) | segment[i + 3] > mss_max:
+                segment[i + 2] = mss_max >> 8
+                segment[i + 3] = mss_max & 0xFF
+                return True
+            return False
+        i += size
+    return False

@@ -65,6 +65,34 @@ class Tun:
         self.address: bytes | None = None  # the tun's own IPv4 address, 4 bytes
         self.network: ipaddress.IPv4Network | None = None
         self.monitor: IPRoute | None = None
+        self.added: list[tuple[str, dict]] = []  # what we configured, undone on close
+
+    def add_address(self, cidr: str) -> None:
+        """Give the tun this address (kept if it already has it)."""
+        iface = _interface(cidr, "--tun-address")
+        have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+                for a in self.ipr.get_addr(index=self.index, family=2)}
+        if (str(iface.ip), iface.network.prefixlen) in have:
+            return
+        spec = {"index": self.index, "address": str(iface.ip), "prefixlen": iface.network.prefixlen}
+        try:
+            self.ipr.addr("add", **spec)
+        except Exception as exc:
+            raise OperatorError(f"cannot add address {cidr} to {self.name}: {exc}") from None
+        self.added.append(("addr", spec))
+
+    def add_route(self, cidr: str) -> None:
+        """Route *cidr* into the tun (kept as it is if that route exists)."""
+        net = _interface(cidr, "--route").network
+        spec = {"dst": str(net.network_address), "dst_len": net.prefixlen, "oif": self.index}
+        try:
+            self.ipr.route("add", **spec)
+        except Exception as exc:
+            if getattr(exc, "code", None) == errno.EEXIST:
+                log.info("route %s exists already: left as it is", net)
+                return
+            raise OperatorError(f"cannot add route {net} via {self.name}: {exc}") from None
+        self.added.append(("route", spec))
 
     def enable_offload(self) -> bool:
         """Ask for TCP segmentation and checksum offload (needs IFF_VNET_HDR)."""
@@ -110,6 +138,12 @@ class Tun:
         return changed
 
     def close(self) -> None:
+        for kind, spec in reversed(self.added):  # a tun we keep must not keep our settings
+            try:
+                getattr(self.ipr, kind)("del", **spec)
+            except Exception as exc:  # already gone with the tun, or removed by hand
+                log.debug("removing %s %s: %s", kind, spec, exc)
+        self.added.clear()
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
@@ -124,6 +158,13 @@ class Tun:
             except Exception as exc:  # pragma: no cover - best effort on exit
                 log.warning("could not remove %s: %s", self.name, exc)
         self.ipr.close()
+
+
+def _interface(cidr: str, option: str) -> ipaddress.IPv4Interface:
+    try:
+        return ipaddress.IPv4Interface(cidr)
+    except ValueError:
+        raise OperatorError(f"{option} {cidr!r} is not an IPv4 address/prefix") from None
 
 
 def link_mtu(ifname: str) -> int:
