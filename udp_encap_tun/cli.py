@@ -68,11 +68,17 @@ def build_parser() -> configargparse.ArgParser:
                         "minus network, broadcast and the tun's own address)")
     p.add_argument("--address-key", default="", metavar="TEXT",
                    help="server: secret that keys the peer-to-address hash (keep it stable so "
-                        "peers keep their address across restarts)")
+                        "peers keep their address across restarts; default: derived from "
+                        "--psk-file, else a fixed key)")
     p.add_argument("--peer-timeout", type=_positive(float), default=300.0, metavar="SECONDS",
                    help="server: forget a peer this long after it was last heard from (default 300)")
     p.add_argument("--max-peers", type=_positive(int), default=65536, metavar="N",
                    help="server: at most this many peers at once (default 65536)")
+    p.add_argument("--psk-file", metavar="PATH",
+                   help="pre-shared key (at least 16 bytes, mode 0600) both ends must hold: "
+                        "the server admits only peers that prove they know it")
+    p.add_argument("--admission-rate", type=_positive(float), default=100.0, metavar="N",
+                   help="server: admit at most N new peers per second (default 100)")
     p.add_argument("--tun-address", metavar="CIDR",
                    help="give the tun this IPv4 address/prefix at start (removed on exit)")
     p.add_argument("--route", action="append", default=[], metavar="CIDR",
@@ -97,6 +103,7 @@ def setup_logging(level: str) -> None:
 
 
 def run(args) -> None:
+    from .auth import Keys, load_psk
     from .conn import open_udp, probe_udp_offload
     from .core import Router
     from .device import OffloadTunnel, Tunnel
@@ -109,6 +116,7 @@ def run(args) -> None:
             raise OperatorError("--keepalive is for client mode (with --endpoint-port)")
         if args.address_pool:
             AddressPool(args.address_pool)  # validate before touching anything
+    keys = Keys(load_psk(args.psk_file)) if args.psk_file else None
     mtu = args.mtu or link_mtu(args.bind_to_interface) - LINK_OVERHEAD
     sock = open_udp(args.listen_port, args.bind_to_interface)
     tun = None
@@ -124,9 +132,10 @@ def run(args) -> None:
             tun.add_address(args.tun_address)
         for cidr in args.route:
             tun.add_route(cidr)
+        address_key = args.address_key.encode() or (keys.address if keys else b"")
         router = Router(args.endpoint_port, args.address_pool, args.peer_timeout,
-                        args.max_peers, args.address_key.encode(),
-                        mss=None if args.no_clamp_mss else mtu - 40)
+                        args.max_peers, address_key, mss=None if args.no_clamp_mss else mtu - 40,
+                        keys=keys, admission_rate=args.admission_rate)
         tun.refresh_address()
         router.set_tun_address(tun.address, tun.network)  # validates a derived pool
         services = [Keepalive(args.keepalive)] if args.keepalive else []

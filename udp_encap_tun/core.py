@@ -9,6 +9,7 @@ import logging
 import socket
 from collections import Counter
 
+from . import auth
 from .store import AddressPool, Entry, PeerStore, PoolError
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,8 @@ class Router:
 
     def __init__(self, endpoint_port: int | None = None, pool_cidr: str | None = None,
                  timeout: float = 300.0, max_peers: int = 65536, pool_key: bytes = b"",
-                 mss: int | None = None):
+                 mss: int | None = None, keys: auth.Keys | None = None,
+                 admission_rate: float = 100.0):
         self.endpoint_port = endpoint_port
         self.mss = mss  # clamp the MSS of SYNs crossing the tunnel to this (None: off)
         self.remotes: dict = {}  # client: (host, port) -> last TX/RX time, for keepalives
@@ -45,13 +47,22 @@ class Router:
         self._aton: dict[str, bytes] = {}
         self._ntoa: dict[bytes, str] = {}
         self.ident = 0
+        # datagrams to send, [(dest, [(buffer, segment size), ...])]: control replies
+        # and data released after authentication; the I/O loop empties it
+        self.outbox: list = []
+        self.admission = auth.TokenBucket(admission_rate, admission_rate)
+        self.client_auth = auth.ClientAuth(keys) if keys and self.client else None
+        self.server_auth = auth.ServerAuth(keys) if keys and not self.client else None
 
     @property
     def client(self) -> bool:
         return self.endpoint_port is not None
 
-    def drop(self, direction: str, reason: str) -> None:
-        self.counters[f"{direction}_drop_{reason}"] += 1
+    def count_rarely_logged(self, name: str, message: str, *args) -> None:
+        """Count an event and log its 1st, 2nd, 4th, 8th, ... occurrence."""
+        count = self.counters[name] = self.counters[name] + 1
+        if count & (count - 1) == 0:
+            log.warning(message + " (%d so far)", *args, count)
 
     # -- configuration -------------------------------------------------
     def set_tun_address(self, address: bytes | None, network: ipaddress.IPv4Network | None,
@@ -118,26 +129,91 @@ class Router:
                 if len(self._aton) > 4096:
                     self._aton.clear()
                 src = self._aton[peer[0]] = socket.inet_aton(peer[0])
+            if self.client_auth is not None and peer not in self.client_auth.ready:
+                self.counters["rx_drop_unauthenticated"] += 1
+                return None
             return src, dst, None
         store = self.store
+        if store is None:
+            self.counters["rx_drop_no_pool"] += 1
+            return None
         entry = store.lookup_peer(peer, now)
         if entry is None:
-            entry = store.admit(peer, now)
-            if isinstance(entry, str):
-                count = self.counters["rx_drop_" + entry] = self.counters["rx_drop_" + entry] + 1
-                if count & (count - 1) == 0:  # log the 1st, 2nd, 4th, 8th, ... time
-                    log.warning("refusing new peer %s:%d: %s (%d so far)", *peer,
-                                entry.replace("_", " "), count)
+            if self.server_auth is not None:
+                self.counters["rx_drop_unauthenticated"] += 1
+                self._ask_to_authenticate(peer, now)
                 return None
-            self.counters["peers_added"] += 1
-            log.info("new peer %s:%d -> %s", *peer, ipaddress.IPv4Address(entry.address))
+            if not self.admission.take(now):
+                self.count_rarely_logged("rx_drop_admission_rate", "refusing new peer %s:%d: "
+                                         "more new peers than --admission-rate allows", *peer)
+                return None
+            entry = self._admit(peer, now)
+            if entry is None:
+                return None
         return entry.address, dst, entry
+
+    def _admit(self, peer, now: float) -> Entry | None:
+        entry = self.store.admit(peer, now)
+        if isinstance(entry, str):
+            self.count_rarely_logged("rx_drop_" + entry, "refusing new peer %s:%d: %s",
+                                     *peer, entry.replace("_", " "))
+            return None
+        self.counters["peers_added"] += 1
+        log.info("new peer %s:%d -> %s", *peer, ipaddress.IPv4Address(entry.address))
+        return entry
+
+    def _ask_to_authenticate(self, peer, now: float) -> None:
+        reply = self.server_auth.auth_required(now)
+        if reply is not None:
+            self.outbox.append((peer, [(reply, len(reply))]))
+
+    # -- authentication --------------------------------------------------------
+    def control(self, datagram, peer, now: float) -> None:
+        """A datagram that is no TCP segment and looks like a control message."""
+        msg = auth.parse(datagram)
+        if msg is None or not (self.server_auth or self.client_auth):
+            self.counters["rx_drop_bad_control"] += 1
+            return
+        kind, body = msg
+        if self.server_auth is not None:
+            reply, outcome = self.server_auth.on_control(kind, body, peer, now)
+            if outcome == "accepted" and self.store is not None:
+                if self.store.lookup_peer(peer, now) is None and self._admit(peer, now) is None:
+                    reply, outcome = None, "admission_refused"
+            elif outcome == "accepted":
+                reply, outcome = None, "admission_refused"
+        else:
+            reply, released, outcome = self.client_auth.on_control(kind, body, peer, now)
+            if outcome == "authenticated":
+                log.info("authenticated to %s:%d", *peer)
+            self.outbox.extend((peer, item) for item in released)
+        if outcome in auth.SUCCESS:
+            self.counters["auth_" + outcome] += 1
+        else:
+            self.count_rarely_logged("auth_fail_" + outcome, "authentication with %s:%d: %s",
+                                     *peer, outcome.replace("_", " "))
+        if reply is not None:
+            self.outbox.append((peer, [(reply, len(reply))]))
+
+    def hold(self, dest, batches, now: float) -> None:
+        """Client: data for a server we have not authenticated to yet."""
+        hello, dropped = self.client_auth.hold(dest, [(bytes(b), n) for b, n in batches], now)
+        if dropped:
+            self.counters["tx_drop_auth_pending"] += 1
+        if hello is not None:
+            self.outbox.append((dest, [(hello, len(hello))]))
+
+    def tick(self, now: float) -> None:
+        if self.client_auth is not None:
+            for hello, dest in self.client_auth.retries(now):
+                self.outbox.append((dest, [(hello, len(hello))]))
 
     def keepalive_received(self, peer, now: float) -> None:
         """An empty datagram: refresh the peer's entry (never creates one)."""
         self.counters["rx_keepalives"] += 1
-        if self.store is not None:
-            self.store.lookup_peer(peer, now)
+        if self.store is not None and self.store.lookup_peer(peer, now) is None \
+                and self.server_auth is not None:
+            self._ask_to_authenticate(peer, now)
 
     def keepalive_targets(self, now: float, forget: float = KEEPALIVE_FORGET):
         """Client: the servers TCP went to in the last *forget* seconds."""

@@ -16,6 +16,7 @@ import time
 
 from . import offload as ol
 from . import packet as pk
+from .auth import is_control
 from .conn import SOL_UDP, UDP_GRO, UDP_SEGMENT
 from .core import Router
 from .store import PoolError
@@ -106,6 +107,8 @@ class Tunnel:
                 if now >= next_housekeeping:
                     self.housekeeping(now)
                     next_housekeeping = now + HOUSEKEEPING
+                if self.router.outbox:
+                    self.flush_outbox()
         finally:
             for service in self.services:
                 service.close(self)
@@ -123,8 +126,29 @@ class Tunnel:
             store.expire(now)
             if store.expired != before:
                 self.counters["peers_expired"] += store.expired - before
+        self.router.tick(now)
         for service in self.services:
             service.tick(self, now)
+
+    def flush_outbox(self) -> None:
+        outbox, self.router.outbox = self.router.outbox, []
+        for dest, batches in outbox:
+            self.send_batches(batches, dest)
+
+    def send_batches(self, batches, dest) -> None:
+        """Send wire segments: each batch is (buffer, segment size), every
+        segment but a batch's last exactly that size."""
+        sendto, counters = self.sock.sendto, self.counters
+        for data, size in batches:
+            length = len(data)
+            try:
+                for off in range(0, length, size) if length > size else (0,):
+                    sendto(data[off:off + size], dest)
+            except OSError as exc:
+                self._send_error(exc)
+                continue
+            counters["tx_packets"] += -(-length // size) if size else 1
+            counters["tx_bytes"] += length
 
     # -- events ------------------------------------------------------------
     def on_signal(self, rpipe: int) -> None:
@@ -150,6 +174,7 @@ class Tunnel:
         """TX: packets from the tun become UDP datagrams."""
         fd, buf, view = self.tun.fd, self.txbuf, self.txview
         router, counters, sendto = self.router, self.counters, self.sock.sendto
+        client_auth = router.client_auth
         now = self.clock()
         for _ in range(BATCH):
             try:
@@ -171,6 +196,9 @@ class Tunnel:
                 continue
             if buf[33] & pk.SYN and router.mss:
                 self._clamp(view[20:total], "tx")
+            if client_auth is not None and dest not in client_auth.ready:
+                router.hold(dest, ((view[20:total], total - 20),), now)
+                continue
             try:
                 sendto(view[20:total], dest)
             except OSError as exc:
@@ -178,6 +206,15 @@ class Tunnel:
                 continue
             counters["tx_packets"] += 1
             counters["tx_bytes"] += total - 20
+
+    def not_tcp(self, datagram, reason: str, peer, now: float) -> None:
+        """A datagram that is no TCP segment: keepalive, control message or junk."""
+        if not datagram:
+            self.router.keepalive_received(peer, now)
+        elif is_control(datagram):
+            self.router.control(datagram, peer, now)
+        else:
+            self.counters["rx_drop_" + reason] += 1
 
     def _clamp(self, segment, direction: str) -> None:
         if pk.clamp_mss(segment, self.router.mss):
@@ -207,10 +244,7 @@ class Tunnel:
                 continue
             reason = pk.classify_rx(seg_view[:n])
             if reason is not None:
-                if n == 0:
-                    router.keepalive_received(peer, now)
-                else:
-                    counters["rx_drop_" + reason] += 1
+                self.not_tcp(seg_view[:n], reason, peer, now)
                 continue
             addrs = router.rx_addresses(peer, now)
             if addrs is None:
@@ -258,7 +292,7 @@ class OffloadTunnel(Tunnel):
     def on_tun(self) -> None:
         fd, buf, view = self.tun.fd, self.txbuf, self.txview
         router, counters = self.router, self.counters
-        sendto, sendmsg = self.sock.sendto, self.sock.sendmsg
+        client_auth, send_batches = router.client_auth, self.send_batches
         unpack_vnet = ol.VNET_HDR.unpack_from
         hlen = ol.VNET_HDR_LEN
         now = self.clock()
@@ -293,23 +327,28 @@ class OffloadTunnel(Tunnel):
             else:
                 counters["tx_drop_unsupported_gso"] += 1
                 continue
-            for data, size in batches:
-                length = len(data)
-                count = -(-length // size)
-                try:
-                    if count == 1:
-                        sendto(data, dest)
-                    elif self.gso:
-                        sendmsg((data,), ((SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder)),),
-                                0, dest)
-                    else:
-                        for off in range(0, length, size):
-                            sendto(data[off:off + size], dest)
-                except OSError as exc:
-                    self._send_error(exc)
-                    continue
-                counters["tx_packets"] += count
-                counters["tx_bytes"] += length
+            if client_auth is not None and dest not in client_auth.ready:
+                router.hold(dest, batches, now)
+                continue
+            send_batches(batches, dest)
+
+    def send_batches(self, batches, dest) -> None:
+        if not self.gso:
+            return super().send_batches(batches, dest)
+        counters = self.counters
+        for data, size in batches:
+            length = len(data)
+            try:
+                if length <= size:
+                    self.sock.sendto(data, dest)
+                else:
+                    self.sock.sendmsg((data,), ((SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder)),),
+                                      0, dest)
+            except OSError as exc:
+                self._send_error(exc)
+                continue
+            counters["tx_packets"] += -(-length // size)
+            counters["tx_bytes"] += length
 
     def on_udp(self) -> None:
         area, view = self.rxarea, self.rxareaview
@@ -336,18 +375,15 @@ class OffloadTunnel(Tunnel):
             for level, kind, data in ancdata:
                 if level == SOL_UDP and kind == UDP_GRO:
                     seg_size = int.from_bytes(data[:4], sys.byteorder)
-            if n == 0:
-                router.keepalive_received(peer, now)
-                continue
             good = []
-            for seg in ol.split_gro(view[off:off + n], n, seg_size):
+            for seg in ol.split_gro(view[off:off + n], n, seg_size) if n else (view[off:off],):
                 reason = classify_rx(seg)
                 if reason is None:
                     good.append(seg)
                     if seg[13] & pk.SYN and router.mss:
                         self._clamp(seg, "rx")
                 else:
-                    counters["rx_drop_" + reason] += 1
+                    self.not_tcp(seg, reason, peer, now)
             off += n
             if not good:
                 continue

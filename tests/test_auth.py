@@ -1,0 +1,175 @@
+import os
+import struct
+
+import pytest
+from hypothesis import given, strategies as st
+
+from udp_encap_tun import auth
+from udp_encap_tun.core import Router
+from udp_encap_tun.errors import OperatorError
+from udp_encap_tun.packet import classify_rx
+
+KEY = b"0123456789abcdef-secret"
+CLIENT = ("198.51.100.7", 40000)
+SERVER = ("192.0.2.2", 5000)
+
+
+def handshake(server, client, peer=CLIENT, now=100.0, tamper=None):
+    """Run the handshake; return (server outcome of the RESPONSE, released items)."""
+    hello, _ = client.hold(SERVER, b"data", now)
+    kind, body = auth.parse(hello)
+    challenge, outcome = server.on_control(kind, body, peer, now)
+    assert outcome == "challenge_sent"
+    assert len(challenge) < len(hello)  # no amplification
+    response, _, outcome = client.on_control(*auth.parse(challenge), SERVER, now)
+    assert outcome == "response_sent"
+    if tamper:
+        response = tamper(response)
+    welcome, outcome = server.on_control(*auth.parse(response), peer, now)
+    if welcome is None:
+        return outcome, ()
+    _, released, client_outcome = client.on_control(*auth.parse(welcome), SERVER, now)
+    assert client_outcome == "authenticated"
+    return outcome, released
+
+
+def test_right_key_authenticates_and_releases_held_data():
+    client = auth.ClientAuth(auth.Keys(KEY))
+    outcome, released = handshake(auth.ServerAuth(auth.Keys(KEY)), client)
+    assert outcome == "accepted" and released == [b"data"]
+    assert SERVER in client.ready
+
+
+def test_wrong_key_is_refused():
+    outcome, _ = handshake(auth.ServerAuth(auth.Keys(KEY)), auth.ClientAuth(auth.Keys(b"another key of 16+ bytes")))
+    assert outcome == "bad_proof"
+
+
+def test_replay_from_another_port_or_address_is_refused():
+    server = auth.ServerAuth(auth.Keys(KEY))
+    client = auth.ClientAuth(auth.Keys(KEY))
+    hello, _ = client.hold(SERVER, b"x", 100.0)
+    challenge, _ = server.on_control(*auth.parse(hello), CLIENT, 100.0)
+    response, _, _ = client.on_control(*auth.parse(challenge), SERVER, 100.0)
+    for other in (("198.51.100.7", 40001), ("198.51.100.8", 40000)):
+        assert server.on_control(*auth.parse(response), other, 100.0) == (None, "bad_cookie")
+    # later: the cookie's window has passed
+    assert server.on_control(*auth.parse(response), CLIENT, 100.0 + 5 * auth.WINDOW_SECONDS)[1] == "stale_cookie"
+    # and across secret epochs, an old window is never honoured again
+    late = 100.0 + 3 * auth.SECRET_EPOCH * auth.WINDOW_SECONDS
+    server.on_control(*auth.parse(hello), CLIENT, late)  # rotates the secret
+    assert server.on_control(*auth.parse(response), CLIENT, late)[1] in ("stale_cookie", "bad_cookie")
+
+
+def test_forged_cookie_is_refused():
+    def flip(response):
+        b = bytearray(response)
+        b[auth.HEADER_LEN + auth.NONCE_LEN + 5] ^= 1
+        return bytes(b)
+    outcome, _ = handshake(auth.ServerAuth(auth.Keys(KEY)), auth.ClientAuth(auth.Keys(KEY)), tamper=flip)
+    assert outcome == "bad_cookie"
+
+
+def test_server_keeps_no_state_per_hello():
+    server = auth.ServerAuth(auth.Keys(KEY), rate=1e9, burst=1e9)
+    for i in range(5000):
+        hello = auth.header(auth.HELLO) + os.urandom(16)
+        server.on_control(*auth.parse(hello + bytes(80)), (f"10.{i % 250}.0.1", i), 100.0)
+    assert len(server.secrets) <= 2
+
+
+def test_handshake_is_rate_limited():
+    server = auth.ServerAuth(auth.Keys(KEY), rate=10, burst=5)
+    hello = auth.header(auth.HELLO) + bytes(80)
+    outcomes = [server.on_control(*auth.parse(hello), CLIENT, 100.0)[1] for _ in range(20)]
+    assert outcomes.count("challenge_sent") == 5 and outcomes.count("rate_limited") == 15
+    assert server.on_control(*auth.parse(hello), CLIENT, 101.0)[1] == "challenge_sent"
+
+
+def test_client_ignores_unsolicited_or_forged_welcome():
+    client = auth.ClientAuth(auth.Keys(KEY))
+    fake = auth.header(auth.WELCOME) + bytes(32)
+    assert client.on_control(*auth.parse(fake), SERVER, 1.0)[2].startswith("unexpected")
+    client.hold(SERVER, b"x", 1.0)
+    assert client.on_control(*auth.parse(fake), SERVER, 1.0)[2] in ("stale_welcome", "bad_welcome")
+    assert SERVER not in client.ready
+
+
+def test_client_queue_is_bounded_and_hello_retried():
+    client = auth.ClientAuth(auth.Keys(KEY))
+    hellos = [client.hold(SERVER, i, 0.0) for i in range(auth.QUEUE_LIMIT + 10)]
+    assert hellos[0][0] is not None and all(h is None for h, _ in hellos[1:])
+    assert sum(dropped for _, dropped in hellos) == 10
+    assert client.retries(0.5) == []
+    assert len(client.retries(auth.HELLO_RETRY + 0.1)) == 1
+
+
+def test_control_messages_are_never_tcp_and_tcp_never_control():
+    for kind, size in auth.BODY_LEN.items():
+        msg = auth.header(kind) + bytes(size)
+        assert classify_rx(msg) is not None  # no TCP segment looks like this
+        assert auth.parse(msg) == (kind, bytes(size))
+
+
+@given(st.binary(min_size=20, max_size=100))
+def test_valid_tcp_segments_are_never_control(data):
+    if classify_rx(data) is None:
+        assert not auth.is_control(data)
+        assert auth.parse(data) is None
+
+
+@given(st.binary(max_size=200))
+def test_parse_never_raises(data):
+    auth.parse(data)
+    auth.parse(auth.MAGIC + data)
+    auth.parse(auth.header(data[0] if data else 0) + data)
+
+
+@given(st.sampled_from(sorted(auth.BODY_LEN)), st.binary(max_size=120), st.integers(0, 65535))
+def test_handlers_never_raise(kind, body, port):
+    msg = auth.header(kind) + body
+    for router in (Router(keys=auth.Keys(KEY)), Router(endpoint_port=5000, keys=auth.Keys(KEY))):
+        router.control(msg, ("198.51.100.1", port), 100.0)
+
+
+def test_router_server_admits_only_after_proof():
+    import ipaddress
+    server = Router(keys=auth.Keys(KEY))
+    server.set_tun_address(bytes([10, 0, 0, 1]), ipaddress.IPv4Network("10.0.0.0/24"))
+    assert server.rx_addresses(CLIENT, 100.0) is None
+    assert server.counters["rx_drop_unauthenticated"] == 1
+    (dest, [(msg, _)]), = server.outbox  # asks the peer to authenticate
+    assert dest == CLIENT and auth.parse(msg)[0] == auth.AUTH_REQUIRED
+    assert len(server.store) == 0
+    client = auth.ClientAuth(auth.Keys(KEY))
+    outcome, _ = handshake(server.server_auth, client)
+    assert outcome == "accepted"
+    server.outbox.clear()
+    # through the Router the same handshake creates the entry
+    hello, _ = auth.ClientAuth(auth.Keys(KEY)).hold(SERVER, b"", 100.0)
+    server.control(hello, CLIENT, 100.0)
+    assert len(server.store) == 0  # still nothing after HELLO
+
+
+@pytest.mark.parametrize("content,mode,message", [
+    (None, 0o600, "no such file"),
+    (b"", 0o600, "is empty"),
+    (b"short\n", 0o600, "at least 16"),
+    (KEY, 0o644, "accessible by others"),
+    (KEY, 0o640, "accessible by others"),
+])
+def test_psk_file_errors(tmp_path, content, mode, message):
+    path = tmp_path / "psk"
+    if content is not None:
+        path.write_bytes(content)
+        path.chmod(mode)
+    with pytest.raises(OperatorError, match=message):
+        auth.load_psk(str(path))
+
+
+def test_psk_file_ok(tmp_path):
+    path = tmp_path / "psk"
+    path.write_bytes(KEY + b"\n")
+    path.chmod(0o600)
+    assert auth.load_psk(str(path)) == KEY
+    assert struct.calcsize("!4sBB6xB3x") == auth.HEADER_LEN == 16
