@@ -84,8 +84,8 @@ def build_parser() -> configargparse.ArgParser:
     p.add_argument("--route", action="append", default=[], metavar="CIDR",
                    help="route this prefix into the tun (repeatable; removed on exit)")
     p.add_argument("--keepalive", type=_positive(float), metavar="SECONDS",
-                   help="client: send an empty datagram to each server this often while "
-                        "idle, to keep NAT mappings and the server's entry alive")
+                   help="client: send an empty datagram to each server this often, to keep "
+                        "NAT mappings and the server's entry alive while TCP is idle")
     p.add_argument("--no-clamp-mss", action="store_true",
                    help="do not lower the MSS option of SYNs to fit the tun MTU")
     p.add_argument("--no-offload", action="store_true",
