@@ -1,0 +1,348 @@
+"""Segmentation offload helpers for the fast path (pure code, no I/O).
+
+The tun device is opened with ``IFF_VNET_HDR`` and ``TUNSETOFFLOAD(TUN_F_CSUM |
+TUN_F_TSO4)``, so every read/write carries a 10-byte ``virtio_net_hdr`` in
+front of the IPv4 packet, and the UDP socket uses ``UDP_SEGMENT`` (send) and
+``UDP_GRO`` (receive).  The wire format does not change: one UDP datagram holds
+exactly one TCP segment (TCP header + payload, no IP header).
+
+* TX: :func:`tso_split` cuts a TCP super-packet read from the tun into batches
+  of wire segments, each batch one ``sendmsg`` with ``UDP_SEGMENT``.
+* RX: :func:`split_gro` cuts a ``UDP_GRO`` buffer into its datagrams and
+  :func:`coalesce` merges consecutive in-order segments of a flow back into
+  super-packets for one tun write each.
+
+Only header-level work is done per segment: payload bytes are moved by
+``bytearray.join`` (one copy, in C) and never summed in Python.  TCP checksums
+are left to the kernel: on TX the check field is copied as it came from the
+kernel (the receiver recomputes it anyway), on RX the check field gets the
+pseudo-header sum and the vnet header asks the kernel to finish it
+(``NEEDS_CSUM``).
+"""
+
+from __future__ import annotations
+
+import struct
+from itertools import islice, repeat
+from operator import getitem
+
+from .packet import (
+    ACK,
+    CWR,
+    FIN,
+    IPPROTO_TCP,
+    IPV4_HEADER_LEN,
+    MAX_UDP_PAYLOAD,
+    PSH,
+    ones_sum,
+    write_ipv4_header,
+)
+
+VNET_HDR = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+VNET_HDR_LEN = 10
+assert VNET_HDR.size == VNET_HDR_LEN
+
+NEEDS_CSUM, DATA_VALID = 1, 2
+GSO_NONE, GSO_TCPV4, GSO_ECN = 0, 1, 0x80
+UDP_MAX_SEGMENTS = 64
+
+MAX_IP_PACKET = 0xFFFF
+TCP_CSUM_OFFSET = 16  # offset of the check field in the TCP header
+
+_SEQ_MASK = 0xFFFFFFFF
+_U32 = struct.Struct("!I")
+_U16 = struct.Struct("!H")
+# ports (as one u32), seq, ack, data offset byte, flags, window, check, urgent pointer
+_TCP_HDR = struct.Struct("!IIIBBHHH")
+
+# Flags of the middle pieces of a split super-packet: FIN/PSH go on the last
+# piece only, CWR on the first only.
+_MID_MASK = ~(FIN | PSH | CWR) & 0xFF
+_FIRST_MASK = ~(FIN | PSH) & 0xFF
+_LAST_MASK = ~CWR & 0xFF
+
+# Room for the vnet header + IPv4 header, written in place after the join.
+_PREFIX = bytes(VNET_HDR_LEN + IPV4_HEADER_LEN)
+_TCP_OFF = VNET_HDR_LEN + IPV4_HEADER_LEN  # offset of the TCP header in a tun buffer
+_ACK_BYTE = bytes([ACK])
+_ACK_PSH_BYTE = bytes([ACK | PSH])
+
+_pack_vnet_into = VNET_HDR.pack_into
+_pack_u16_into = _U16.pack_into
+_unpack_tcp = _TCP_HDR.unpack_from
+
+_seq_structs: dict = {}
+
+
+def _seq_struct(n: int) -> struct.Struct:
+    """Struct packing *n* big-endian u32 (cached: n <= max_segments)."""
+    st = _seq_structs.get(n)
+    if st is None:
+        st = _seq_structs[n] = struct.Struct(f"!{n}I")
+    return st
+
+
+# --------------------------------------------------------------------------- TX
+
+
+def tso_split(packet, gso_size: int, max_segments: int = UDP_MAX_SEGMENTS,
+              max_bytes: int = MAX_UDP_PAYLOAD) -> list[tuple[object, int]]:
+    """Cut a TCP super-packet into ``UDP_SEGMENT`` batches.
+
+    *packet* is an IPv4 packet (20-byte header, TCP, already validated) as read
+    from the tun after the vnet header.  Returns ``[(buffer, segment_size),
+    ...]``: each buffer is the concatenation of wire segments (TCP header +
+    payload piece) for one ``sendmsg`` with ``UDP_SEGMENT=segment_size``;
+    every segment but the last of a batch is exactly ``segment_size`` bytes,
+    and a batch holds at most *max_segments* segments and *max_bytes* bytes.
+
+    If the payload fits in one piece (or *gso_size* is 0) the result is
+    ``[(tcp_segment, len(tcp_segment))]`` with *tcp_segment* a memoryview
+    slice of *packet* (no copy).
+    """
+    mv = packet if type(packet) is memoryview else memoryview(packet)
+    total = (mv[2] << 8) | mv[3]
+    if total == 0 or total > len(mv):  # defensive; validated packets never hit this
+        total = len(mv)
+    tcp = mv[IPV4_HEADER_LEN:total]
+    tcp_len = total - IPV4_HEADER_LEN
+    doff = (tcp[12] >> 4) << 2
+    plen = tcp_len - doff
+    if gso_size <= 0 or plen <= gso_size:
+        return [(tcp, tcp_len)]
+
+    seg_size = doff + gso_size
+    per_batch = min(max_segments, max_bytes // seg_size)
+    if per_batch < 1:
+        raise ValueError(f"segment of {seg_size} bytes exceeds max_bytes={max_bytes}")
+
+    flags = tcp[13]
+    hdr = bytearray(tcp[:doff])
+    hdr[13] = flags & _MID_MASK
+    hdr = bytes(hdr)
+    seq0 = _U32.unpack_from(tcp, 4)[0]
+    payload = tcp[doff:]
+    nseg = -(-plen // gso_size)
+
+    batches = []
+    batch_bytes = per_batch * gso_size  # payload bytes per full batch
+    for pstart in range(0, plen, batch_bytes):
+        pend = min(pstart + batch_bytes, plen)
+        n = -(-(pend - pstart) // gso_size)
+        parts = [hdr] * (2 * n)
+        parts[1::2] = [payload[o:o + gso_size] for o in range(pstart, pend, gso_size)]
+        buf = bytearray().join(parts)
+        # Sequence numbers: pack them all at once, then scatter byte i of every
+        # one into byte 4+i of every header with strided slice assignments.
+        s = seq0 + pstart
+        if seq0 + pend <= _SEQ_MASK:  # no wrap inside this batch (common case)
+            seqs = _seq_struct(n).pack(*range(s, s + n * gso_size, gso_size))
+        else:
+            seqs = _seq_struct(n).pack(*[(s + k * gso_size) & _SEQ_MASK for k in range(n)])
+        end = n * seg_size
+        buf[4:end:seg_size] = seqs[0::4]
+        buf[5:end:seg_size] = seqs[1::4]
+        buf[6:end:seg_size] = seqs[2::4]
+        buf[7:end:seg_size] = seqs[3::4]
+        batches.append((buf, seg_size))
+
+    # FIN/PSH only on the very last piece, CWR only on the very first.
+    batches[0][0][13] = flags & _FIRST_MASK
+    last = batches[-1][0]
+    last[((nseg - 1) % per_batch) * seg_size + 13] = flags & _LAST_MASK
+    return batches
+
+
+# --------------------------------------------------------------------------- RX
+
+
+def split_gro(buf, length: int, seg_size: int) -> list:
+    """Cut a ``UDP_GRO`` receive buffer ``buf[:length]`` into datagrams of
+    *seg_size* bytes (the last may be shorter); memoryview slices, no copy."""
+    if length <= 0:
+        return []
+    mv = memoryview(buf)[:length]
+    if seg_size <= 0 or seg_size >= length:
+        return [mv]
+    return [mv[o:o + seg_size] for o in range(0, length, seg_size)]
+
+
+_pseudo_bases: dict = {}
+
+
+def _pseudo_base(src: bytes, dst: bytes) -> int:
+    """Folded ones' sum of the address part + protocol of the pseudo-header
+    (cached: a tunnel has few address pairs)."""
+    key = (src, dst)
+    base = _pseudo_bases.get(key)
+    if base is None:
+        if len(_pseudo_bases) >= 256:
+            _pseudo_bases.clear()
+        base = _pseudo_bases[key] = ones_sum(bytes(src) + bytes(dst), IPPROTO_TCP)
+    return base
+
+
+def _pseudo_sum(base: int, tcp_len: int) -> int:
+    """Same value as ``packet.pseudo_header_sum(src, dst, tcp_len)``."""
+    s = base + tcp_len
+    s = (s & 0xFFFF) + (s >> 16)
+    return (s & 0xFFFF) + (s >> 16)
+
+
+_run_structs: dict = {}
+
+
+def _run_struct(doff: int) -> struct.Struct:
+    """Struct reading (ports as u32, seq, bytes 8..15 = ack/doff/flags/window,
+    bytes 18..doff = urgent pointer + options) of a TCP header of *doff* bytes:
+    everything that must be identical in merged segments apart from seq, in
+    three objects compared with ``==``."""
+    st = _run_structs.get(doff)
+    if st is None:
+        st = _run_structs[doff] = struct.Struct(f"!II8s2x{doff - 18}s")
+    return st
+
+
+class _Run:
+    """In-order data segments of one flow being merged into a super-packet."""
+
+    __slots__ = ("segs", "doff", "gso", "plen", "max_plen", "next_seq", "mid", "mid_psh",
+                 "tail", "unpack", "push")
+
+    def __init__(self, seg, doff, plen, seq):
+        self.segs = [seg]  # whole segments; the payloads are sliced out when building
+        self.doff = doff
+        self.gso = plen
+        self.plen = plen
+        self.max_plen = MAX_IP_PACKET - IPV4_HEADER_LEN - doff
+        self.next_seq = (seq + plen) & _SEQ_MASK
+        self.unpack = _run_struct(doff).unpack_from
+        # bytes 8..15 (ack, data offset, flags, window) as the fast path reads
+        # them, with flags ACK only or ACK|PSH; bytes 18..doff (urgent, options)
+        ack_doff = bytes(seg[8:13])
+        win = bytes(seg[14:16])
+        self.mid = ack_doff + _ACK_BYTE + win
+        self.mid_psh = ack_doff + _ACK_PSH_BYTE + win
+        self.tail = bytes(seg[18:doff])
+        self.push = False
+
+
+def _single(seg, doff, base, src, dst, ident) -> bytearray:
+    out = bytearray().join((_PREFIX, seg))
+    tcp_len = len(seg)
+    _pack_vnet_into(out, 0, NEEDS_CSUM, GSO_NONE, IPV4_HEADER_LEN + doff, 0,
+                    IPV4_HEADER_LEN, TCP_CSUM_OFFSET)
+    write_ipv4_header(out, VNET_HDR_LEN, IPV4_HEADER_LEN + tcp_len, ident, src, dst)
+    _pack_u16_into(out, _TCP_OFF + TCP_CSUM_OFFSET, _pseudo_sum(base, tcp_len))
+    return out
+
+
+def coalesce(segments, src: bytes, dst: bytes, next_ident) -> list:
+    """Turn received TCP segments (all from one UDP peer, validated, in
+    arrival order) into tun write buffers (vnet header + IPv4 + TCP).
+
+    Consecutive in-order data segments of one flow (same ports, identical
+    header apart from seq/check/PSH, only ACK set, equal payload sizes with a
+    possibly shorter last one, PSH only on the last) become one GSO
+    super-packet (gso_type TCPV4) of at most 65535 IP bytes.  Everything else
+    is written alone (gso_type NONE).  Either way ``NEEDS_CSUM`` is set and the
+    TCP check field holds the pseudo-header sum, so the kernel finishes the
+    checksum.  Segments of different flows may be interleaved; the order
+    within a flow is kept, and outputs are ordered by their first segment.
+    """
+    items: list = []  # _Run for data runs, (segment, doff) for singles
+    open_runs: dict = {}  # ports -> _Run that may still grow
+
+    # The run that the last segment went to, unpacked into locals: the fast
+    # path below handles a full-size, ACK-only, in-order segment of that flow.
+    cur = None
+    c_full = -1  # doff + gso of cur; -1 disables the fast path
+    c_ports = c_next = c_len = c_limit = c_gso = 0
+    c_mid = c_tail = c_unpack = c_append = None
+
+    for seg in segments:
+        if len(seg) == c_full:
+            ports, seq, mid, tail = c_unpack(seg, 0)
+            if (seq == c_next and mid == c_mid and ports == c_ports and tail == c_tail
+                    and c_len <= c_limit):
+                c_append(seg)
+                c_len += c_gso
+                c_next = (seq + c_gso) & _SEQ_MASK
+                continue
+        if cur is not None:  # leave the fast path: store its state back
+            cur.plen = c_len
+            cur.next_seq = c_next
+            cur = None
+            c_full = -1
+
+        ports, seq, _ack, offb, flags, _win, _check, _urg = _unpack_tcp(seg, 0)
+        doff = (offb >> 4) << 2
+        plen = len(seg) - doff
+        run = open_runs.get(ports)
+        if flags != ACK and (flags != ACK | PSH or run is None) or not plen:
+            # not mergeable (a PSH segment can only end a run): goes alone,
+            # after (and closing) the flow's run
+            if run is not None:
+                del open_runs[ports]
+            items.append((seg, doff))
+            continue
+
+        if run is not None:
+            if (seq == run.next_seq and doff == run.doff and plen <= run.gso
+                    and run.plen + plen <= run.max_plen):
+                _, _, mid, tail = run.unpack(seg, 0)
+                if (mid == run.mid or mid == run.mid_psh) and tail == run.tail:
+                    run.segs.append(seg)
+                    run.plen += plen
+                    run.next_seq = (seq + plen) & _SEQ_MASK
+                    if flags & PSH or plen < run.gso:  # nothing may follow
+                        run.push = flags & PSH
+                        del open_runs[ports]
+                        continue
+                    cur = run
+            if cur is None:
+                del open_runs[ports]
+        if cur is None:
+            if flags & PSH:  # PSH ends a run: this one has nothing to merge with
+                items.append((seg, doff))
+                continue
+            run = _Run(seg, doff, plen, seq)
+            items.append(run)
+            open_runs[ports] = cur = run
+        c_full = cur.doff + cur.gso
+        c_ports = ports
+        c_next = cur.next_seq
+        c_len = cur.plen
+        c_gso = cur.gso
+        c_limit = cur.max_plen - cur.gso
+        c_mid = cur.mid
+        c_tail = cur.tail
+        c_unpack = cur.unpack
+        c_append = cur.segs.append
+    if cur is not None:
+        cur.plen = c_len
+
+    base = _pseudo_base(src, dst)
+    out = []
+    append = out.append
+    for item in items:
+        if type(item) is tuple:
+            append(_single(item[0], item[1], base, src, dst, next_ident()))
+            continue
+        segs = item.segs
+        doff = item.doff
+        if len(segs) == 1:
+            append(_single(segs[0], doff, base, src, dst, next_ident()))
+            continue
+        buf = bytearray().join([_PREFIX, segs[0],
+                                *map(getitem, map(memoryview, islice(segs, 1, None)),
+                                     repeat(slice(doff, None)))])
+        tcp_len = doff + item.plen
+        _pack_vnet_into(buf, 0, NEEDS_CSUM, GSO_TCPV4, IPV4_HEADER_LEN + doff, item.gso,
+                        IPV4_HEADER_LEN, TCP_CSUM_OFFSET)
+        write_ipv4_header(buf, VNET_HDR_LEN, IPV4_HEADER_LEN + tcp_len, next_ident(), src, dst)
+        if item.push:
+            buf[_TCP_OFF + 13] |= PSH
+        _pack_u16_into(buf, _TCP_OFF + TCP_CSUM_OFFSET, _pseudo_sum(base, tcp_len))
+        append(buf)
+    return out
