@@ -73,8 +73,8 @@ def test_forged_cookie_is_refused():
 def test_server_keeps_no_state_per_hello():
     server = auth.ServerAuth(auth.Keys(KEY), rate=1e9, burst=1e9)
     for i in range(5000):
-        hello = auth.header(auth.HELLO) + os.urandom(16)
-        server.on_control(*auth.parse(hello + bytes(80)), (f"10.{i % 250}.0.1", i), 100.0)
+        hello = auth.header(auth.HELLO) + os.urandom(16) + bytes(64)
+        server.on_control(*auth.parse(hello), (f"10.{i % 250}.0.1", i), 100.0)
     assert len(server.secrets) <= 2
 
 
@@ -107,6 +107,9 @@ def test_client_queue_is_bounded_and_hello_retried():
 def test_control_messages_are_never_tcp_and_tcp_never_control():
     for kind, size in auth.BODY_LEN.items():
         msg = auth.header(kind) + bytes(size)
+        if kind == auth.HELLO:
+            assert auth.parse(msg) is None  # must be padded
+            msg += bytes(auth.HELLO_SIZE - len(msg))
         assert classify_rx(msg) is not None  # no TCP segment looks like this
         assert auth.parse(msg) == (kind, bytes(size))
 

@@ -82,7 +82,10 @@ def parse(datagram):
         return None
     magic, version, kind, marker = HEADER.unpack_from(datagram, 0)
     need = BODY_LEN.get(kind)
-    if version != VERSION or need is None or len(datagram) < HEADER_LEN + need:
+    if version != VERSION or need is None:
+        return None
+    # an unpadded HELLO would make the server send more than it got
+    if len(datagram) < (HELLO_SIZE if kind == HELLO else HEADER_LEN + need):
         return None
     return kind, bytes(datagram[HEADER_LEN:HEADER_LEN + need])
 
