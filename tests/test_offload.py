@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from udp_encap_tun import packet as P
 from udp_encap_tun.offload import (
+    wire_size,
     DATA_VALID,
     GSO_ECN,
     GSO_NONE,
@@ -660,3 +661,11 @@ def test_coalesce_address_pairs():
         assert struct.unpack_from("!H", pkt, 36)[0] == P.pseudo_header_sum(src, dst, len(seg))
         (fin,) = kernel_write(out)
         assert P.tcp_checksum_ok(fin)
+
+
+def test_wire_size_counts_what_coalesce_merged():
+    segs = [tcp_seg(seq=1000 + i * 1448, payload=bytes([i]) * 1448, opts=TS_OPTS) for i in range(5)]
+    segs.append(tcp_seg(seq=1000 + 5 * 1448, payload=b"z" * 100, opts=TS_OPTS))
+    single = tcp_seg(seq=5, payload=b"x", flags=P.ACK | P.SYN)
+    outs = coalesce(segs + [single], SRC, DST, iter(range(1, 100)).__next__)
+    assert [wire_size(o) for o in outs] == [(6, sum(map(len, segs))), (1, len(single))]

@@ -90,6 +90,14 @@ def build_parser() -> configargparse.ArgParser:
                    help="do not lower the MSS option of SYNs to fit the tun MTU")
     p.add_argument("--no-offload", action="store_true",
                    help="use the simple one-packet-per-system-call path")
+    p.add_argument("--no-status", action="store_true",
+                   help="do not serve live status (udp-encap-tun status) on the abstract "
+                        "unix socket @udp-encap-tun/TUN")
+    p.add_argument("--status-public", action="store_true",
+                   help="let every local user in the network namespace read the live status "
+                        "(default: only root and the tunnel's own user)")
+    p.epilog = ("Live status of a running tunnel (in its network namespace): "
+                "udp-encap-tun status --interface TUN [--json | --prometheus]")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="default info")
     return p
@@ -108,6 +116,8 @@ def run(args) -> None:
     from .core import Router
     from .device import OffloadTunnel, Tunnel
     from .keepalive import Keepalive
+    from .notify import Notify
+    from .status import StatusServer
     from .store import AddressPool
     from .tun import Tun, link_mtu
 
@@ -139,6 +149,11 @@ def run(args) -> None:
         tun.refresh_address()
         router.set_tun_address(tun.address, tun.network)  # validates a derived pool
         services = [Keepalive(args.keepalive)] if args.keepalive else []
+        if not args.no_status:
+            services.append(StatusServer(public=args.status_public, extra={"mtu": mtu}))
+        notify = Notify.from_environ()  # None unless $NOTIFY_SOCKET is set
+        if notify is not None:
+            services.append(notify)
         if offload:
             gso, gro = probe_udp_offload(sock)
             tunnel = OffloadTunnel(router, tun, sock, gso, gro, services=services)
@@ -154,6 +169,10 @@ def run(args) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["status"]:  # a query of a running tunnel: none of the daemon's options
+        from .status import main as status_main
+        return status_main(argv[1:])
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
     try:

@@ -58,10 +58,11 @@ class Router:
     def client(self) -> bool:
         return self.endpoint_port is not None
 
-    def count_rarely_logged(self, name: str, message: str, *args) -> None:
-        """Count an event and log its 1st, 2nd, 4th, 8th, ... occurrence."""
-        count = self.counters[name] = self.counters[name] + 1
-        if count & (count - 1) == 0:
+    def count_rarely_logged(self, name: str, message: str, *args, amount: int = 1) -> None:
+        """Count an event and log it when its count crosses a power of two."""
+        before = self.counters[name]
+        count = self.counters[name] = before + amount
+        if count.bit_length() > before.bit_length():
             log.warning(message + " (%d so far)", *args, count)
 
     # -- configuration -------------------------------------------------
@@ -115,13 +116,14 @@ class Router:
         return host
 
     # -- RX: UDP -> tun -----------------------------------------------------
-    def rx_addresses(self, peer, now: float):
-        """(source, destination, entry) for a segment from UDP *peer*, or None (counted).
+    def rx_addresses(self, peer, now: float, count: int = 1):
+        """(source, destination, entry) for *count* segments from UDP *peer*, or
+        None (then counted as *count* drops).
 
         entry is the server's store entry (None in client mode)."""
         dst = self.tun_address
         if dst is None:
-            self.counters["rx_drop_" + RX_NO_TUN_ADDRESS] += 1
+            self.counters["rx_drop_" + RX_NO_TUN_ADDRESS] += count
             return None
         if self.client:
             src = self._aton.get(peer[0])
@@ -130,33 +132,34 @@ class Router:
                     self._aton.clear()
                 src = self._aton[peer[0]] = socket.inet_aton(peer[0])
             if self.client_auth is not None and peer not in self.client_auth.ready:
-                self.counters["rx_drop_unauthenticated"] += 1
+                self.counters["rx_drop_unauthenticated"] += count
                 return None
             return src, dst, None
         store = self.store
         if store is None:
-            self.counters["rx_drop_no_pool"] += 1
+            self.counters["rx_drop_no_pool"] += count
             return None
         entry = store.lookup_peer(peer, now)
         if entry is None:
             if self.server_auth is not None:
-                self.counters["rx_drop_unauthenticated"] += 1
+                self.counters["rx_drop_unauthenticated"] += count
                 self._ask_to_authenticate(peer, now)
                 return None
             if not self.admission.take(now):
                 self.count_rarely_logged("rx_drop_admission_rate", "refusing new peer %s:%d: "
-                                         "more new peers than --admission-rate allows", *peer)
+                                         "more new peers than --admission-rate allows", *peer,
+                                         amount=count)
                 return None
-            entry = self._admit(peer, now)
+            entry = self._admit(peer, now, count)
             if entry is None:
                 return None
         return entry.address, dst, entry
 
-    def _admit(self, peer, now: float) -> Entry | None:
+    def _admit(self, peer, now: float, count: int = 1) -> Entry | None:
         entry = self.store.admit(peer, now)
         if isinstance(entry, str):
             self.count_rarely_logged("rx_drop_" + entry, "refusing new peer %s:%d: %s",
-                                     *peer, entry.replace("_", " "))
+                                     *peer, entry.replace("_", " "), amount=count)
             return None
         self.counters["peers_added"] += 1
         log.info("new peer %s:%d -> %s", *peer, ipaddress.IPv4Address(entry.address))

@@ -392,19 +392,22 @@ class OffloadTunnel(Tunnel):
             else:
                 groups.append((peer, good))
         for peer, segments in groups:
-            addrs = router.rx_addresses(peer, now)
+            addrs = router.rx_addresses(peer, now, len(segments))
             if addrs is None:
                 continue
             src, dst, entry = addrs
-            nbytes = sum(map(len, segments))
+            npackets, nbytes = len(segments), sum(map(len, segments))
             for out in ol.coalesce(segments, src, dst, router.next_ident):
                 try:
                     os.write(fd, out)
                 except OSError as exc:
-                    counters["rx_drop_write_error"] += 1
+                    lost, lost_bytes = ol.wire_size(out)
+                    counters["rx_drop_write_error"] += lost
+                    npackets -= lost
+                    nbytes -= lost_bytes
                     log.debug("tun write: %s", exc)
-            counters["rx_packets"] += len(segments)
+            counters["rx_packets"] += npackets
             counters["rx_bytes"] += nbytes
             if entry is not None:
-                entry.rx_packets += len(segments)
+                entry.rx_packets += npackets
                 entry.rx_bytes += nbytes

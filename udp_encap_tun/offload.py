@@ -227,6 +227,14 @@ class _Run:
         self.push = False
 
 
+def wire_size(buf) -> tuple[int, int]:
+    """(segments, bytes) on the wire of a tun buffer that coalesce made."""
+    _, gso_type, hdr_len, gso_size, _, _ = VNET_HDR.unpack_from(buf, 0)
+    payload = len(buf) - VNET_HDR_LEN - hdr_len
+    count = -(-payload // gso_size) if gso_type != GSO_NONE and gso_size else 1
+    return count, payload + count * (hdr_len - IPV4_HEADER_LEN)
+
+
 def _single(seg, doff, base, src, dst, ident) -> bytearray:
     out = bytearray().join((_PREFIX, seg))
     tcp_len = len(seg)
