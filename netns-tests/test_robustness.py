@@ -179,14 +179,10 @@ def test_server_drops_tcp_to_unknown_peer(tunnel: Pair):
     tunnel.server.stop()
 
 
-def test_refused_peer_is_counted_per_datagram(request, pair: Pair):
+def test_refused_peer_is_counted_per_datagram(pair: Pair):
     """With --max-peers 1 a second peer is refused: every one of its datagrams
     is counted as rx_drop_peers_full (the same on both data paths), none gets
     through, and the admitted peer keeps working."""
-    if pair.lab.datapath == "offload":
-        request.applymarker(pytest.mark.xfail(
-            reason="OffloadTunnel.on_udp counts one drop per run of datagrams from a "
-                   "refused peer, not one per datagram", strict=False))
     server = pair.start_server("--max-peers", "1")
     pair.start_client()
     pair.transfer(7001, "upload", MB)  # the client is the one admitted peer
