@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import struct
 
-import pytest
 
 from uetlab import Pair, counter_delta, wait_for
 
