@@ -83,8 +83,7 @@ class Router:
         if old is not None:
             for entry in old.entries():
                 if entry.address in pool:
-                    self.store.by_peer[entry.peer] = entry
-                    self.store.by_address[entry.address] = entry
+                    self.store.adopt(entry)
                 else:
                     log.warning("peer %s:%d lost address %s: no longer in the pool",
                                 *entry.peer, ipaddress.IPv4Address(entry.address))

@@ -116,18 +116,26 @@ class PeerStore:
 
     def __post_init__(self):
         self.by_peer = _PeerCache(self.max_peers, self.timeout, self.clock, self._forget)
+        self.live: dict = {}  # peer -> Entry, the cache's content without its bookkeeping
+        self.refresh = min(REFRESH_INTERVAL, self.timeout / 4)
 
     def _forget(self, entry: Entry) -> None:
         if self.by_address.get(entry.address) is entry:
             del self.by_address[entry.address]
+        if self.live.get(entry.peer) is entry:
+            del self.live[entry.peer]
         self.expired += 1
 
     def lookup_peer(self, peer: Peer, now: float) -> Entry | None:
         """RX: the live entry for *peer*, refreshed (the peer was just heard from)."""
-        entry = self.by_peer.get(peer)
-        if entry is not None and now - entry.refreshed >= REFRESH_INTERVAL:
-            entry.refreshed = now
-            self.by_peer[peer] = entry
+        entry = self.live.get(peer)
+        if entry is None or now - entry.refreshed < self.refresh:
+            return entry  # the common case: one dict lookup
+        if now - entry.refreshed >= self.timeout:
+            self.by_peer.expire(now)
+            return None
+        entry.refreshed = now
+        self.by_peer[peer] = entry
         return entry
 
     def admit(self, peer: Peer, now: float) -> Entry | str:
@@ -143,10 +151,14 @@ class PeerStore:
         else:  # pragma: no cover - excluded by the capacity check above
             return FULL_POOL
         entry = Entry(peer, address, now, now)
-        self.by_peer[peer] = entry
-        self.by_address[address] = entry
+        self.adopt(entry)
         self.added += 1
         return entry
+
+    def adopt(self, entry: Entry) -> None:
+        self.by_peer[entry.peer] = entry
+        self.by_address[entry.address] = entry
+        self.live[entry.peer] = entry
 
     def lookup_address(self, address: bytes, now: float) -> Entry | None:
         """TX: the live entry that holds generated *address*, if any."""
@@ -164,6 +176,7 @@ class PeerStore:
     def clear(self) -> None:
         self.by_peer.clear()
         self.by_address.clear()
+        self.live.clear()
 
     def __len__(self) -> int:
         return len(self.by_address)
