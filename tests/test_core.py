@@ -63,3 +63,12 @@ def test_ident_wraps():
     r = Router(endpoint_port=1)
     r.ident = 0xFFFF
     assert r.next_ident() == 0
+
+
+def test_journal_log_lines_carry_a_priority_and_no_timestamp():
+    import logging
+
+    from udp_encap_tun.cli import JournalFormatter
+    fmt = JournalFormatter("%(levelname)s %(message)s")
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "pool full", None, None)
+    assert fmt.format(record) == "<4>WARNING pool full"
