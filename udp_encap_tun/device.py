@@ -61,6 +61,7 @@ class Tunnel:
         self.rxview = memoryview(self.rxbuf)
         self.txbuf = bytearray(BUFSIZE + 16)
         self.txview = memoryview(self.txbuf)
+        self.tun_header_len = 0
         self.data_path = "simple (one packet per system call)"
 
     # -- setup -----------------------------------------------------------
@@ -172,9 +173,9 @@ class Tunnel:
 
     def on_tun(self) -> None:
         """TX: packets from the tun become UDP datagrams."""
-        fd, buf, view = self.tun.fd, self.txbuf, self.txview
-        router, counters, sendto = self.router, self.counters, self.sock.sendto
-        client_auth = router.client_auth
+        fd, buf, view, hlen = self.tun.fd, self.txbuf, self.txview, self.tun_header_len
+        router, counters = self.router, self.counters
+        client_auth, send_batches, wire_segments = router.client_auth, self.send_batches, self.wire_segments
         now = self.clock()
         for _ in range(BATCH):
             try:
@@ -185,27 +186,28 @@ class Tunnel:
                 counters["tx_read_error"] += 1
                 log.debug("tun read: %s", exc)
                 return
-            pkt = view[:n]
+            pkt = view[hlen:n]
             reason = pk.classify_tx(pkt)
             if reason is not None:
                 counters["tx_drop_" + reason] += 1
                 continue
-            total = (buf[2] << 8) | buf[3]
-            dest = router.tx_destination(bytes(view[16:20]), now, total - 20)
+            total = (pkt[2] << 8) | pkt[3]
+            dest = router.tx_destination(bytes(pkt[16:20]), now, total - 20)
             if dest is None:
                 continue
-            if buf[33] & pk.SYN and router.mss:
-                self._clamp(view[20:total], "tx")
+            if pkt[33] & pk.SYN and router.mss:
+                self._clamp(pkt[20:total], "tx")
+            batches = wire_segments(pkt, total)
+            if batches is None:
+                continue
             if client_auth is not None and dest not in client_auth.ready:
-                router.hold(dest, ((view[20:total], total - 20),), now)
+                router.hold(dest, batches, now)
                 continue
-            try:
-                sendto(view[20:total], dest)
-            except OSError as exc:
-                self._send_error(exc)
-                continue
-            counters["tx_packets"] += 1
-            counters["tx_bytes"] += total - 20
+            send_batches(batches, dest)
+
+    def wire_segments(self, pkt, total: int):
+        """The TCP segments of a TX packet as [(buffer, segment size)] (see send_batches)."""
+        return ((pkt[20:total], total - 20),)
 
     def not_tcp(self, datagram, reason: str, peer, now: float) -> None:
         """A datagram that is no TCP segment: keepalive, control message or junk."""
@@ -285,52 +287,20 @@ class OffloadTunnel(Tunnel):
         self.gro = gro
         self.data_path = "offload (TUN TSO and checksum; UDP GSO %s, GRO %s)" % (
             "on" if gso else "off: one sendto per segment", "on" if gro else "off")
+        self.tun_header_len = ol.VNET_HDR_LEN
+        self._unpack_vnet = ol.VNET_HDR.unpack_from
         self.rxarea = bytearray(RX_AREA)
         self.rxareaview = memoryview(self.rxarea)
         self.cmsg_space = socket.CMSG_SPACE(4)
 
-    def on_tun(self) -> None:
-        fd, buf, view = self.tun.fd, self.txbuf, self.txview
-        router, counters = self.router, self.counters
-        client_auth, send_batches = router.client_auth, self.send_batches
-        unpack_vnet = ol.VNET_HDR.unpack_from
-        hlen = ol.VNET_HDR_LEN
-        now = self.clock()
-        for _ in range(BATCH):
-            try:
-                n = os.readv(fd, (buf,))
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                counters["tx_read_error"] += 1
-                log.debug("tun read: %s", exc)
-                return
-            if n < hlen:
-                counters["tx_drop_" + pk.TX_NOT_IPV4] += 1
-                continue
-            gso_type, gso_size = unpack_vnet(buf, 0)[1:4:2]
-            pkt = view[hlen:n]
-            reason = pk.classify_tx(pkt)
-            if reason is not None:
-                counters["tx_drop_" + reason] += 1
-                continue
-            total = (pkt[2] << 8) | pkt[3]
-            dest = router.tx_destination(bytes(pkt[16:20]), now, total - 20)
-            if dest is None:
-                continue
-            if pkt[33] & pk.SYN and router.mss:
-                self._clamp(pkt[20:total], "tx")
-            if gso_type & ~ol.GSO_ECN == ol.GSO_TCPV4 and gso_size:
-                batches = ol.tso_split(pkt[:total], gso_size)
-            elif gso_type == ol.GSO_NONE:
-                batches = ((pkt[20:total], total - 20),)
-            else:
-                counters["tx_drop_unsupported_gso"] += 1
-                continue
-            if client_auth is not None and dest not in client_auth.ready:
-                router.hold(dest, batches, now)
-                continue
-            send_batches(batches, dest)
+    def wire_segments(self, pkt, total: int):
+        gso_type, gso_size = self._unpack_vnet(self.txbuf, 0)[1:4:2]
+        if gso_type & ~ol.GSO_ECN == ol.GSO_TCPV4 and gso_size:
+            return ol.tso_split(pkt[:total], gso_size)
+        if gso_type == ol.GSO_NONE:
+            return ((pkt[20:total], total - 20),)
+        self.counters["tx_drop_unsupported_gso"] += 1
+        return None
 
     def send_batches(self, batches, dest) -> None:
         if not self.gso:
