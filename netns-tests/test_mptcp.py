@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from mptcp_helpers import (BOND_CLIENT, BOND_SERVER, LINKS, SERVER_ADDR, SERVER_TUN, BondLab,
+from mptcp_helpers import (LINKS, SERVER_ADDR, SERVER_TUN, BondLab,
                            Endpoint, skip_reason, wait_for)
 
 MB = 1 << 20
@@ -264,13 +264,3 @@ def test_scripts_are_idempotent_and_down_undoes_exactly_their_changes(make_lab):
         assert "counters {" in lab.tunnel_log(tun), lab.tunnel_log(tun)
     again = lab.bond_client("down")
     assert "nothing to undo" in again.stdout
-
-
-def test_scripts_share_one_common_part():
-    """bond-client and bond-server are single files to copy to a router / VPS; the part
-    they share must stay identical."""
-    def common(path):
-        text = path.read_text()
-        start = text.index("# ---- common part")
-        return text[start:text.index("# ---- end of the common part ----")]
-    assert common(BOND_CLIENT) == common(BOND_SERVER)
