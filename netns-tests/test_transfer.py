@@ -132,3 +132,16 @@ def test_two_clients_behind_one_nat(lab):
     assert counters.get("internal_error", 0) == 0
     for tool in tools:
         assert tool.stop().get("internal_error", 0) == 0
+
+
+def test_server_with_two_addresses_replies_from_the_one_peers_use(pair: Pair):
+    """Clients reach the server at its second address: with --listen-address the
+    replies leave from that address (the client's RX takes the datagram's source
+    as the TCP source, so a reply from the primary address would be reset)."""
+    second = "192.0.2.3"
+    pair.s.add_address(pair.vs, f"{second}/24")
+    pair.start_server("--listen-address", second)
+    pair.start_client()
+    pair.c.add_route(f"{second}/32", dev=pair.ctun)
+    result = pair.lab.transfer(pair.s, pair.c, second, 7001, "download", 2 * MB)  # asserts byte-exact
+    assert result["client_saw"].startswith(second), result

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import sys
@@ -34,6 +35,13 @@ def _port(text: str) -> int:
 _port.__name__ = "port"
 
 
+def _ipv4(text: str) -> str:
+    return str(ipaddress.IPv4Address(text))
+
+
+_ipv4.__name__ = "IPv4 address"
+
+
 def _positive(kind):
     def parse(text: str):
         value = kind(text)
@@ -59,6 +67,9 @@ def build_parser() -> configargparse.ArgParser:
                    help="local UDP port; all datagrams leave from it")
     p.add_argument("--bind-to-interface", required=True, metavar="DEV",
                    help="network interface the UDP socket is bound to (SO_BINDTODEVICE)")
+    p.add_argument("--listen-address", default="0.0.0.0", type=_ipv4, metavar="ADDR",
+                   help="local IPv4 address of the UDP socket (default: any); set it on a "
+                        "server with several addresses so replies leave from the one peers use")
     p.add_argument("--endpoint-port", type=_port, metavar="PORT",
                    help="client mode: send to each packet's IPv4 destination at this UDP port")
     p.add_argument("--mtu", type=_positive(int), metavar="BYTES",
@@ -141,7 +152,7 @@ def run(args) -> None:
             AddressPool(args.address_pool)  # validate before touching anything
     keys = Keys(load_psk(args.psk_file)) if args.psk_file else None
     mtu = args.mtu or link_mtu(args.bind_to_interface) - LINK_OVERHEAD
-    sock = open_udp(args.listen_port, args.bind_to_interface)
+    sock = open_udp(args.listen_port, args.bind_to_interface, args.listen_address)
     tun = None
     try:
         offload = not args.no_offload

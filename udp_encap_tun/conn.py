@@ -15,10 +15,12 @@ SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SOCKET_BUFFER = 8 << 20
 
 
-def open_udp(port: int, device: str, buffer: int = SOCKET_BUFFER) -> socket.socket:
-    """A UDP socket bound to *device* (SO_BINDTODEVICE) and 0.0.0.0:*port*.
+def open_udp(port: int, device: str, address: str = "0.0.0.0",
+             buffer: int = SOCKET_BUFFER) -> socket.socket:
+    """A UDP socket bound to *device* (SO_BINDTODEVICE) and *address*:*port*.
 
-    Replies always leave from this socket, so from the listen port."""
+    Replies always leave from this socket, so from the listen port (and, when
+    *address* is given, from that address)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
         try:
@@ -31,8 +33,11 @@ def open_udp(port: int, device: str, buffer: int = SOCKET_BUFFER) -> socket.sock
                                     "(needs CAP_NET_RAW)") from None
             raise OperatorError(f"cannot bind to interface {device}: {exc.strerror}") from None
         try:
-            sock.bind(("0.0.0.0", port))
+            sock.bind((address, port))
         except OSError as exc:
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise OperatorError(f"--listen-address {address} is not an address of this "
+                                    "host") from None
             if exc.errno == errno.EADDRINUSE:
                 raise OperatorError(f"UDP port {port} is already in use on {device}") from None
             if exc.errno == errno.EACCES:

@@ -62,6 +62,8 @@ class Tun:
         self.fd = fd
         self.vnet_hdr = vnet_hdr
         self.index = self.ipr.link_lookup(ifname=name)[0]
+        if self.created:
+            self._disable_ipv6()
         self.address: bytes | None = None  # the tun's own IPv4 address, 4 bytes
         self.network: ipaddress.IPv4Network | None = None
         self.monitor: IPRoute | None = None
@@ -93,6 +95,15 @@ class Tun:
                 return
             raise OperatorError(f"cannot add route {net} via {self.name}: {exc}") from None
         self.added.append(("route", spec))
+
+    def _disable_ipv6(self) -> None:
+        """Nothing but IPv4 crosses the tunnel: spare a new tun the kernel's IPv6
+        chatter (router solicitations), which would only be counted and dropped."""
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{self.name}/disable_ipv6", "w") as f:
+                f.write("1")
+        except OSError:  # no IPv6, or /proc/sys read-only (a sandboxed service)
+            pass
 
     def enable_offload(self) -> bool:
         """Ask for TCP segmentation and checksum offload (needs IFF_VNET_HDR)."""
