@@ -132,6 +132,8 @@ def setup_logging(level: str) -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler])
+    for noisy in ("pyroute2", "asyncio"):  # their debug output is every netlink message
+        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.root.level))
 
 
 def run(args) -> None:

@@ -50,7 +50,7 @@ class Router:
         # datagrams to send, [(dest, [(buffer, segment size), ...])]: control replies
         # and data released after authentication; the I/O loop empties it
         self.outbox: list = []
-        self.admission = auth.TokenBucket(admission_rate, admission_rate)
+        self.admission = auth.TokenBucket(admission_rate, max(1.0, admission_rate))
         self.client_auth = auth.ClientAuth(keys) if keys and self.client else None
         self.server_auth = auth.ServerAuth(keys) if keys and not self.client else None
 

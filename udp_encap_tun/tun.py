@@ -27,6 +27,7 @@ TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 
 IFNAMSIZ = 16
+RTPROT_KERNEL = 2
 
 
 class Tun:
@@ -41,8 +42,9 @@ class Tun:
         try:
             fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except PermissionError:
-            raise OperatorError("cannot open /dev/net/tun: permission denied "
-                                "(run as root or with CAP_NET_ADMIN)") from None
+            raise OperatorError("cannot open /dev/net/tun: permission denied (run as root, or "
+                                "make it usable by this user: most distributions ship it "
+                                "with mode 0666)") from None
         except FileNotFoundError:
             raise OperatorError("/dev/net/tun does not exist (is the tun module loaded?)") from None
         flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
@@ -148,13 +150,40 @@ class Tun:
                      f"{ipaddress.IPv4Address(address)}/{network.prefixlen}" if address else "none")
         return changed
 
-    def close(self) -> None:
-        for kind, spec in reversed(self.added):  # a tun we keep must not keep our settings
+    def _routes(self) -> dict:
+        """IPv4 routes through the tun (main table, not the kernel's own prefix
+        routes of addresses), by destination."""
+        routes = {}
+        for r in self.ipr.get_routes(family=2, oif=self.index):
+            if r.get_attr("RTA_TABLE") == 254 and r["proto"] != RTPROT_KERNEL:
+                routes[(r.get_attr("RTA_DST") or "0.0.0.0", r["dst_len"])] = r
+        return routes
+
+    def undo(self) -> None:
+        """Remove what we added to a tun we keep.  Deleting its last IPv4 address
+        makes the kernel flush every route through it, the operator's too: those
+        are put back."""
+        if self.created or not self.added:
+            self.added.clear()
+            return
+        ours = {(spec["dst"], spec["dst_len"]) for kind, spec in self.added if kind == "route"}
+        theirs = {key: r for key, r in self._routes().items() if key not in ours}
+        for kind, spec in reversed(self.added):
             try:
                 getattr(self.ipr, kind)("del", **spec)
-            except Exception as exc:  # already gone with the tun, or removed by hand
+            except Exception as exc:  # removed by hand meanwhile
                 log.debug("removing %s %s: %s", kind, spec, exc)
         self.added.clear()
+        for (dst, dst_len) in theirs.keys() - self._routes().keys():
+            route = theirs[(dst, dst_len)]
+            try:
+                self.ipr.route("add", dst=dst, dst_len=dst_len, oif=self.index,
+                               scope=route["scope"], proto=route["proto"])
+            except Exception as exc:
+                log.warning("could not restore route %s/%d via %s: %s", dst, dst_len, self.name, exc)
+
+    def close(self) -> None:
+        self.undo()
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
