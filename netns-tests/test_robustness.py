@@ -106,7 +106,8 @@ def test_tx_drops_of_non_tcp_traffic(tunnel: Pair):
     """What the client's tun hands over that is not one whole IPv4 TCP segment
     is counted by reason and not sent; the tunnel goes on working."""
     c, dst = tunnel.c, Pair.SERVER_IP
-    # IPv6 into the tun as well
+    # IPv6 into the tun as well (the tool turns IPv6 off on tuns it creates: back on)
+    c.sysctl(f"net.ipv6.conf.{tunnel.ctun}.disable_ipv6", 0)
     c.run("ip", "-6", "addr", "add", "fd00:9::2/128", "dev", tunnel.ctun, "nodad")
     c.add_route("fd00:9::1/128", dev=tunnel.ctun)
     before = tunnel.client.counters()
