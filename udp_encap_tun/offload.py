@@ -258,6 +258,9 @@ def coalesce(segments, src: bytes, dst: bytes, next_ident) -> list:
     checksum.  Segments of different flows may be interleaved; the order
     within a flow is kept, and outputs are ordered by their first segment.
     """
+    if len(segments) == 1:  # the common case at low rates: nothing to merge
+        seg = segments[0]
+        return [_single(seg, (seg[12] >> 4) << 2, _pseudo_base(src, dst), src, dst, next_ident())]
     items: list = []  # _Run for data runs, (segment, doff) for singles
     open_runs: dict = {}  # ports -> _Run that may still grow
 
