@@ -32,7 +32,6 @@ SHA-256 back to the sender before closing, so the sender also reports ``match``.
 from __future__ import annotations
 
 import argparse
-import atexit
 import ctypes
 import hashlib
 import json
@@ -48,6 +47,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from uetlab import register_namespace, remove_namespace, wait_for
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -72,42 +73,6 @@ LINKS = [
 
 COUNTERS_RE = re.compile(r"\bcounters (\{.*\})\s*$")
 NEW_PEER_RE = re.compile(r"\bnew peer ([0-9.]+):(\d+) -> ([0-9.]+)")
-
-_live_namespaces: set[str] = set()
-
-
-def _delete_namespace(name: str) -> None:
-    if not (Path("/run/netns") / name).exists():
-        _live_namespaces.discard(name)
-        return
-    # whatever still runs in our own namespace was started by us
-    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
-    for pid in pids:
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
-    subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    if not (Path("/run/netns") / name).exists():
-        _live_namespaces.discard(name)
-
-
-@atexit.register
-def _delete_leftovers() -> None:
-    for name in sorted(_live_namespaces):
-        _delete_namespace(name)
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
 
 def skip_reason() -> str | None:
     """Why these tests cannot run here, or None."""
@@ -138,7 +103,7 @@ def env_for_tools() -> dict:
 class Namespace:
     def __init__(self, name: str):
         self.name = name
-        _live_namespaces.add(name)
+        register_namespace(name)
         subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
         self.ip("link", "set", "lo", "up")
 
@@ -175,7 +140,7 @@ class Namespace:
             return ipr.get_links(ifname=ifname)[0].get_attr("IFLA_MTU")
 
     def delete(self) -> None:
-        _delete_namespace(self.name)
+        remove_namespace(self.name)
 
 
 class BondLab:

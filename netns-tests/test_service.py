@@ -12,15 +12,14 @@ import ipaddress
 import json
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from uetlab import clean_env, require_root, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 MB = 1 << 20
@@ -62,34 +61,6 @@ s.listen(1)
 print("bound", flush=True)
 time.sleep(120)
 """
-
-
-def require_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("network-namespace tests need root")
-    if shutil.which("ip") is None:
-        pytest.skip("iproute2 (ip) is not installed")
-    if not os.path.exists("/dev/net/tun"):
-        pytest.skip("/dev/net/tun is missing")
-
-
-def clean_env(extra: dict | None = None) -> dict:
-    drop = ("UDP_ENCAP_TUN_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    env.update(extra or {})
-    return env
-
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 class World:

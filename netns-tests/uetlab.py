@@ -45,7 +45,7 @@ _registered_namespaces: set[str] = set()
 # --------------------------------------------------------------------------- helpers
 
 
-def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+def wait_for(predicate, timeout: float, what: str = "condition", interval: float = 0.05):
     """Poll *predicate* until it returns a truthy value (returned) or *timeout* passes."""
     deadline = time.monotonic() + timeout
     while True:
@@ -60,8 +60,8 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
 def clean_env(extra: dict | None = None) -> dict:
     """The caller's environment without anything that would configure the tool
     behind the test's back, plus *extra*."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("UDP_ENCAP_TUN_") and k != "JOURNAL_STREAM"}
+    drop = ("UDP_ENCAP_TUN_", "NOTIFY_SOCKET", "WATCHDOG_", "JOURNAL_STREAM")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     env.update(extra or {})
     return env
@@ -80,7 +80,8 @@ def _kill(proc: subprocess.Popen, grace: float = 2.0) -> None:
         pass
 
 
-def _remove_namespace(name: str) -> None:
+def remove_namespace(name: str) -> None:
+    """Kill what still runs in a namespace of ours and delete it."""
     path = Path("/run/netns") / name
     if not path.exists():
         _registered_namespaces.discard(name)
@@ -99,13 +100,18 @@ def _remove_namespace(name: str) -> None:
 
 def _remove_registered() -> None:
     for name in sorted(_registered_namespaces):
-        _remove_namespace(name)
+        remove_namespace(name)
 
 
 atexit.register(_remove_registered)
 
 
 # --------------------------------------------------------------------------- namespaces
+
+
+def register_namespace(name: str) -> None:
+    """Delete *name* at the end of the session (or of the process) if still there."""
+    _registered_namespaces.add(name)
 
 
 class Namespace:
@@ -422,7 +428,7 @@ class Lab:
         for p in self.procs:
             _kill(p)
         for ns in reversed(self.namespaces):
-            _remove_namespace(ns.name)
+            remove_namespace(ns.name)
         left = [ns.name for ns in self.namespaces if Path("/run/netns", ns.name).exists()]
         assert not left, f"namespaces left behind: {left}"
 
