@@ -20,19 +20,9 @@ from ops_tools import (CAP_NET_ADMIN, CAP_NET_RAW, TUN_NODE, AsUser, addresses, 
                        push_nonblocking, routes, tcp_ack_segment, tcp_syn_mss, tcp_connect,
                        tcp_listen, tcp_maxseg, tun_node_lock, tun_node_mode, udp_sockets,
                        wait_counter)
-from uetlab import Pair, require_root, wait_for
+from uetlab import Pair, assert_operator_error, require_root, wait_for
 
 MB = 1 << 20
-
-
-def assert_one_line_error(result, *needles) -> str:
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
-    assert lines[0].startswith("udp-encap-tun: error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 def set_mtu(ns, ifname: str, mtu: int) -> None:
@@ -89,13 +79,13 @@ def test_runs_without_root_with_net_admin_and_net_raw(pair: Pair, runtime, tun_n
 
     if not tun_node & 0o006:  # a node only root may open: the capabilities do not help
         result = AsUser(pair.s, runtime).run_tool(*server_args, *lab.datapath_args)
-        assert_one_line_error(result, TUN_NODE)
+        assert_operator_error(result, TUN_NODE)
         assert not pair.s.link_exists(pair.stun)
 
     os.chmod(TUN_NODE, 0o666)  # as Debian/Fedora/Arch ship it; restored by the fixture
 
     result = AsUser(pair.s, runtime, caps=False).run_tool(*server_args, *lab.datapath_args)
-    assert_one_line_error(result, "CAP_NET_ADMIN")
+    assert_operator_error(result, "CAP_NET_ADMIN")
     assert pair.s.links() == sorted(["lo", pair.vs])  # no tun left behind
 
     env = runtime.env

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from uetlab import Pair, counter_delta, wait_for
+from uetlab import Pair, assert_operator_error, counter_delta, wait_for
 
 MB = 1 << 20
 
@@ -16,16 +16,6 @@ def run_tool(lab, ns, *args, env=None):
     """Run udp-encap-tun to completion (it is expected to fail fast)."""
     argv = [sys.executable, "-m", "udp_encap_tun", *args, *lab.datapath_args]
     return ns.run(*argv, check=False, timeout=30, env=env)
-
-
-def assert_operator_error(result, *needles):
-    assert result.returncode == 2, (result.returncode, result.stderr)
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
-    assert lines[0].startswith("udp-encap-tun: error: "), lines[0]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert result.stdout == ""
 
 
 OPERATOR_ERRORS = {

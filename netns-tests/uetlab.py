@@ -57,6 +57,19 @@ def wait_for(predicate, timeout: float, what: str = "condition", interval: float
         time.sleep(interval)
 
 
+def assert_operator_error(result, *needles) -> str:
+    """The tool failed the way operator mistakes must: exit 2, one stderr line
+    ``udp-encap-tun: error: ...`` (containing *needles*), nothing on stdout."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    assert lines[0].startswith("udp-encap-tun: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert result.stdout == ""
+    return lines[0]
+
+
 def clean_env(extra: dict | None = None) -> dict:
     """The caller's environment without anything that would configure the tool
     behind the test's back, plus *extra*."""

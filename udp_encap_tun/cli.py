@@ -9,7 +9,7 @@ import sys
 
 import configargparse
 
-from .errors import OperatorError
+from .errors import OneLineErrors, OperatorError, positive
 from .store import PoolError
 
 log = logging.getLogger("udp_encap_tun")
@@ -19,10 +19,8 @@ ENV_PREFIX = "UDP_ENCAP_TUN_"
 LINK_OVERHEAD = 8  # the UDP header: a TCP segment in UDP costs 8 bytes more than in IPv4
 
 
-class _Parser(configargparse.ArgParser):
-    def error(self, message):  # one line, not the whole usage
-        sys.stderr.write(f"{PROG}: error: {message}\n")
-        raise SystemExit(2)
+class _Parser(OneLineErrors, configargparse.ArgParser):
+    pass
 
 
 def _port(text: str) -> int:
@@ -40,16 +38,6 @@ def _ipv4(text: str) -> str:
 
 
 _ipv4.__name__ = "IPv4 address"
-
-
-def _positive(kind):
-    def parse(text: str):
-        value = kind(text)
-        if value <= 0:
-            raise ValueError(text)
-        return value
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
 
 
 def build_parser() -> configargparse.ArgParser:
@@ -72,7 +60,7 @@ def build_parser() -> configargparse.ArgParser:
                         "server with several addresses so replies leave from the one peers use")
     p.add_argument("--endpoint-port", type=_port, metavar="PORT",
                    help="client mode: send to each packet's IPv4 destination at this UDP port")
-    p.add_argument("--mtu", type=_positive(int), metavar="BYTES",
+    p.add_argument("--mtu", type=positive(int), metavar="BYTES",
                    help="tun MTU (default: MTU of --bind-to-interface minus 8)")
     p.add_argument("--address-pool", metavar="CIDR",
                    help="server: generated peer addresses (default: the tun address's subnet, "
@@ -81,20 +69,20 @@ def build_parser() -> configargparse.ArgParser:
                    help="server: secret that keys the peer-to-address hash (keep it stable so "
                         "peers keep their address across restarts; default: derived from "
                         "--psk-file, else a fixed key)")
-    p.add_argument("--peer-timeout", type=_positive(float), default=300.0, metavar="SECONDS",
+    p.add_argument("--peer-timeout", type=positive(float), default=300.0, metavar="SECONDS",
                    help="server: forget a peer this long after it was last heard from (default 300)")
-    p.add_argument("--max-peers", type=_positive(int), default=65536, metavar="N",
+    p.add_argument("--max-peers", type=positive(int), default=65536, metavar="N",
                    help="server: at most this many peers at once (default 65536)")
     p.add_argument("--psk-file", metavar="PATH",
                    help="pre-shared key (at least 16 bytes, mode 0600) both ends must hold: "
                         "the server admits only peers that prove they know it")
-    p.add_argument("--admission-rate", type=_positive(float), default=100.0, metavar="N",
+    p.add_argument("--admission-rate", type=positive(float), default=100.0, metavar="N",
                    help="server: admit at most N new peers per second (default 100)")
     p.add_argument("--tun-address", metavar="CIDR",
                    help="give the tun this IPv4 address/prefix at start (removed on exit)")
     p.add_argument("--route", action="append", default=[], metavar="CIDR",
                    help="route this prefix into the tun (repeatable; removed on exit)")
-    p.add_argument("--keepalive", type=_positive(float), metavar="SECONDS",
+    p.add_argument("--keepalive", type=positive(float), metavar="SECONDS",
                    help="client: send an empty datagram to each server this often, to keep "
                         "NAT mappings and the server's entry alive while TCP is idle")
     p.add_argument("--no-clamp-mss", action="store_true",

@@ -45,6 +45,7 @@ import sys
 import time
 
 from .device import Service
+from .errors import OneLineErrors, positive
 
 log = logging.getLogger(__name__)
 
@@ -626,20 +627,8 @@ def query(interface: str, timeout: float = 5.0) -> dict:
     return doc
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the whole usage
-        sys.stderr.write(f"{PROG}: error: {message}\n")
-        raise SystemExit(2)
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError(text)
-    return value
-
-
-_seconds.__name__ = "positive number"
+class _Parser(OneLineErrors, argparse.ArgumentParser):
+    pass
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -657,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "collector); prints udp_encap_tun_up 0 when no tunnel answers")
     p.add_argument("--per-peer", action="store_true",
                    help="with --prometheus: metrics for every peer too (one series per peer)")
-    p.add_argument("--timeout", type=_seconds, default=5.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=positive(float), default=5.0, metavar="SECONDS",
                    help="give up after this long (default 5)")
     return p
 
