@@ -11,7 +11,7 @@ def test_client_routes_to_packet_destination_and_uses_datagram_source():
     assert r.rx_addresses(("192.0.2.2", 4000), 0) is None
     assert r.counters["rx_drop_no_tun_address"] == 1
     r.set_tun_address(TUN, NET)
-    assert r.tx_destination(bytes([192, 0, 2, 2]), 0, 100) == ("192.0.2.2", 4000)
+    assert r.tx_destination(bytes([192, 0, 2, 2]), 0) == (("192.0.2.2", 4000), None)
     src, dst, entry = r.rx_addresses(("192.0.2.2", 4000), 0)
     assert (src, dst, entry) == (bytes([192, 0, 2, 2]), TUN, None)
 
@@ -21,10 +21,9 @@ def test_server_generates_addresses_and_routes_back():
     r.set_tun_address(TUN, NET)
     src, dst, entry = r.rx_addresses(("198.51.100.1", 4000), 0)
     assert dst == TUN and src in r.store.pool and src != TUN
-    assert r.tx_destination(src, 0, 10) == ("198.51.100.1", 4000)
-    assert entry.tx_packets == 1 and entry.tx_bytes == 10
+    assert r.tx_destination(src, 0) == (("198.51.100.1", 4000), entry)
     assert r.tx_destination(bytes([10, 0, 0, 99]) if src != bytes([10, 0, 0, 99]) else bytes([10, 0, 0, 98]),
-                            0, 10) is None
+                            0) is None
     assert r.counters["tx_drop_unknown_peer"] == 1
     assert r.counters["peers_added"] == 1
 
@@ -33,7 +32,7 @@ def test_server_without_address_drops():
     r = Router()
     r.set_tun_address(None, None)
     assert r.rx_addresses(("198.51.100.1", 4000), 0) is None
-    assert r.tx_destination(TUN, 0, 1) is None
+    assert r.tx_destination(TUN, 0) is None
 
 
 def test_explicit_pool_and_full_pool_counted():
@@ -51,10 +50,10 @@ def test_address_change_keeps_peers_that_still_fit():
     src, _, _ = r.rx_addresses(("198.51.100.1", 4000), 0)
     # a new tun address in the same subnet: the peer keeps its address
     r.set_tun_address(bytes([10, 0, 0, 254]) if src != bytes([10, 0, 0, 254]) else bytes([10, 0, 0, 253]), NET)
-    assert r.tx_destination(src, 0, 1) == ("198.51.100.1", 4000)
+    assert r.tx_destination(src, 0)[0] == ("198.51.100.1", 4000)
     # another subnet: it is gone, and comes back with an address from the new pool
     r.set_tun_address(bytes([172, 16, 0, 1]), ipaddress.IPv4Network("172.16.0.0/24"))
-    assert r.tx_destination(src, 0, 1) is None
+    assert r.tx_destination(src, 0) is None
     new_src, dst, _ = r.rx_addresses(("198.51.100.1", 4000), 0)
     assert dst == bytes([172, 16, 0, 1]) and new_src[:3] == bytes([172, 16, 0])
 

@@ -168,7 +168,7 @@ def test_service_ready_status_watchdog_stopping(listener):
 
 def test_service_without_watchdog_and_client_status(listener):
     tunnel = fake_tunnel(client=True)
-    tunnel.router.tx_destination(bytes([192, 0, 2, 2]), 0.0, 10)
+    tunnel.router.tx_destination(bytes([192, 0, 2, 2]), 0.0)
     svc = notify.Notify(notify.Notifier(notify.notify_address(listener.env_value)))
     svc.ready(tunnel)
     for i in range(6):

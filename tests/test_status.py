@@ -34,8 +34,8 @@ def make_tunnel(client: bool = False, peers: int = 2, name: str | None = None, c
     router.set_tun_address(address, network)
     now = clock()
     if client:
-        router.tx_destination(bytes([192, 0, 2, 2]), now - 3, 100)
-        router.tx_destination(bytes([198, 51, 100, 9]), now - 1, 100)
+        router.tx_destination(bytes([192, 0, 2, 2]), now - 3)
+        router.tx_destination(bytes([198, 51, 100, 9]), now - 1)
     else:
         for i in range(peers):
             entry = router.store.admit((f"198.51.{100 + i // 250}.{i % 250 + 1}", 5000 + i),

@@ -36,7 +36,7 @@ class Router:
                  admission_rate: float = 100.0):
         self.endpoint_port = endpoint_port
         self.mss = mss  # clamp the MSS of SYNs crossing the tunnel to this (None: off)
-        self.remotes: dict = {}  # client: (host, port) -> last TX/RX time, for keepalives
+        self.remotes: dict = {}  # client: (host, port) -> last TX time, for keepalives
         self.pool_cidr = pool_cidr
         self.pool_key = pool_key
         self.timeout = timeout
@@ -45,7 +45,7 @@ class Router:
         self.tun_address: bytes | None = None
         self.store: PeerStore | None = None
         self._aton: dict[str, bytes] = {}
-        self._ntoa: dict[bytes, str] = {}
+        self._routes: dict[bytes, tuple] = {}  # client: IPv4 destination -> (UDP dest, None)
         self.ident = 0
         # datagrams to send, [(dest, [(buffer, segment size), ...])]: control replies
         # and data released after authentication; the I/O loop empties it
@@ -89,30 +89,28 @@ class Router:
                                 *entry.peer, ipaddress.IPv4Address(entry.address))
 
     # -- TX: tun -> UDP -----------------------------------------------------
-    def tx_destination(self, dst: bytes, now: float, nbytes: int):
-        """UDP (host, port) for *nbytes* of TCP to IPv4 *dst* (4 bytes), or None (counted)."""
+    def tx_destination(self, dst: bytes, now: float):
+        """(UDP (host, port), store entry or None) for a packet to IPv4 *dst*
+        (4 bytes), or None (counted)."""
         if self.client:
-            host = self._ntoa.get(dst)
-            if host is None:
-                host = self._cache_ntoa(dst)
-            dest = (host, self.endpoint_port)
-            self.remotes[dest] = now
-            return dest
+            route = self._routes.get(dst)
+            if route is None:
+                route = self._new_route(dst)
+            self.remotes[route[0]] = now
+            return route
         store = self.store
         entry = store.lookup_address(dst, now) if store is not None else None
         if entry is None:
             self.counters["tx_drop_" + TX_UNKNOWN_PEER] += 1
             return None
-        entry.tx_packets += 1
-        entry.tx_bytes += nbytes
-        return entry.peer
+        return entry.peer, entry
 
-    def _cache_ntoa(self, dst: bytes) -> str:
-        if len(self._ntoa) > 4096:  # bounded: a scan through the tun must not grow memory
-            self._ntoa.clear()
+    def _new_route(self, dst: bytes):
+        if len(self._routes) > 4096:  # bounded: a scan through the tun must not grow memory
+            self._routes.clear()
             self.remotes.clear()
-        host = self._ntoa[bytes(dst)] = socket.inet_ntoa(dst)
-        return host
+        route = self._routes[bytes(dst)] = ((socket.inet_ntoa(dst), self.endpoint_port), None)
+        return route
 
     # -- RX: UDP -> tun -----------------------------------------------------
     def rx_addresses(self, peer, now: float, count: int = 1):

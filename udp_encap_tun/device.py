@@ -136,10 +136,12 @@ class Tunnel:
         for dest, batches in outbox:
             self.send_batches(batches, dest)
 
-    def send_batches(self, batches, dest) -> None:
+    def send_batches(self, batches, dest) -> tuple[int, int]:
         """Send wire segments: each batch is (buffer, segment size), every
-        segment but a batch's last exactly that size."""
-        sendto, counters = self.sock.sendto, self.counters
+        segment but a batch's last exactly that size.  Returns the datagrams
+        and bytes sent (also counted)."""
+        sendto = self.sock.sendto
+        packets = nbytes = 0
         for data, size in batches:
             length = len(data)
             try:
@@ -148,8 +150,14 @@ class Tunnel:
             except OSError as exc:
                 self._send_error(exc)
                 continue
-            counters["tx_packets"] += -(-length // size) if size else 1
-            counters["tx_bytes"] += length
+            packets += -(-length // size)
+            nbytes += length
+        return self._count_sent(packets, nbytes)
+
+    def _count_sent(self, packets: int, nbytes: int) -> tuple[int, int]:
+        self.counters["tx_packets"] += packets
+        self.counters["tx_bytes"] += nbytes
+        return packets, nbytes
 
     # -- events ------------------------------------------------------------
     def on_signal(self, rpipe: int) -> None:
@@ -192,9 +200,10 @@ class Tunnel:
                 counters["tx_drop_" + reason] += 1
                 continue
             total = (pkt[2] << 8) | pkt[3]
-            dest = router.tx_destination(bytes(pkt[16:20]), now, total - 20)
-            if dest is None:
+            route = router.tx_destination(bytes(pkt[16:20]), now)
+            if route is None:
                 continue
+            dest, entry = route
             if pkt[33] & pk.SYN and router.mss:
                 self._clamp(pkt[20:total], "tx")
             batches = wire_segments(pkt, total)
@@ -203,7 +212,10 @@ class Tunnel:
             if client_auth is not None and dest not in client_auth.ready:
                 router.hold(dest, batches, now)
                 continue
-            send_batches(batches, dest)
+            packets, nbytes = send_batches(batches, dest)
+            if entry is not None:
+                entry.tx_packets += packets
+                entry.tx_bytes += nbytes
 
     def wire_segments(self, pkt, total: int):
         """The TCP segments of a TX packet as [(buffer, segment size)] (see send_batches)."""
@@ -302,10 +314,10 @@ class OffloadTunnel(Tunnel):
         self.counters["tx_drop_unsupported_gso"] += 1
         return None
 
-    def send_batches(self, batches, dest) -> None:
+    def send_batches(self, batches, dest) -> tuple[int, int]:
         if not self.gso:
             return super().send_batches(batches, dest)
-        counters = self.counters
+        packets = nbytes = 0
         for data, size in batches:
             length = len(data)
             try:
@@ -317,8 +329,9 @@ class OffloadTunnel(Tunnel):
             except OSError as exc:
                 self._send_error(exc)
                 continue
-            counters["tx_packets"] += -(-length // size)
-            counters["tx_bytes"] += length
+            packets += -(-length // size)
+            nbytes += length
+        return self._count_sent(packets, nbytes)
 
     def on_udp(self) -> None:
         area, view = self.rxarea, self.rxareaview
