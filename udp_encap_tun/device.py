@@ -140,24 +140,26 @@ class Tunnel:
         """Send wire segments: each batch is (buffer, segment size), every
         segment but a batch's last exactly that size.  Returns the datagrams
         and bytes sent (also counted)."""
-        sendto = self.sock.sendto
         packets = nbytes = 0
         for data, size in batches:
-            length = len(data)
             try:
-                for off in range(0, length, size) if length > size else (0,):
-                    sendto(data[off:off + size], dest)
+                self.send_batch(data, size, dest)
             except OSError as exc:
                 self._send_error(exc)
                 continue
-            packets += -(-length // size)
-            nbytes += length
-        return self._count_sent(packets, nbytes)
-
-    def _count_sent(self, packets: int, nbytes: int) -> tuple[int, int]:
+            packets += -(-len(data) // size)
+            nbytes += len(data)
         self.counters["tx_packets"] += packets
         self.counters["tx_bytes"] += nbytes
         return packets, nbytes
+
+    def send_batch(self, data, size: int, dest) -> None:
+        """One datagram per segment."""
+        if len(data) <= size:
+            self.sock.sendto(data, dest)
+            return
+        for off in range(0, len(data), size):
+            self.sock.sendto(data[off:off + size], dest)
 
     # -- events ------------------------------------------------------------
     def on_signal(self, rpipe: int) -> None:
@@ -314,24 +316,11 @@ class OffloadTunnel(Tunnel):
         self.counters["tx_drop_unsupported_gso"] += 1
         return None
 
-    def send_batches(self, batches, dest) -> tuple[int, int]:
-        if not self.gso:
-            return super().send_batches(batches, dest)
-        packets = nbytes = 0
-        for data, size in batches:
-            length = len(data)
-            try:
-                if length <= size:
-                    self.sock.sendto(data, dest)
-                else:
-                    self.sock.sendmsg((data,), ((SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder)),),
-                                      0, dest)
-            except OSError as exc:
-                self._send_error(exc)
-                continue
-            packets += -(-length // size)
-            nbytes += length
-        return self._count_sent(packets, nbytes)
+    def send_batch(self, data, size: int, dest) -> None:
+        """All segments in one sendmsg (UDP_SEGMENT), where the kernel has it."""
+        if len(data) <= size or not self.gso:
+            return super().send_batch(data, size, dest)
+        self.sock.sendmsg((data,), ((SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder)),), 0, dest)
 
     def on_udp(self) -> None:
         area, view = self.rxarea, self.rxareaview
