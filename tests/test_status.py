@@ -48,9 +48,9 @@ def make_tunnel(client: bool = False, peers: int = 2, name: str | None = None, c
                            tx_mss_clamped=2, peers_added=peers)
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
-    tun = SimpleNamespace(name=name or "tun0", address=address, network=network, vnet_hdr=True)
+    tun = SimpleNamespace(name=name or "tun0", address=address, network=network)
     return SimpleNamespace(router=router, counters=router.counters, tun=tun, sock=sock,
-                           clock=clock, gso=True, gro=False,
+                           clock=clock, gso=True, gro=False, tun_header_len=10,
                            data_path="offload (TUN TSO and checksum; UDP GSO on, GRO off)")
 
 

@@ -10,13 +10,13 @@ import socket
 from collections import Counter
 
 from . import auth
-from .store import AddressPool, Entry, PeerStore, PoolError
+from .store import AddressPool, Entry, PeerStore
 
 log = logging.getLogger(__name__)
 
 # drop reasons decided here (packet.py has the parsing ones)
 TX_UNKNOWN_PEER = "unknown_peer"
-TX_NO_TUN_ADDRESS = RX_NO_TUN_ADDRESS = "no_tun_address"
+RX_NO_TUN_ADDRESS = "no_tun_address"
 KEEPALIVE_FORGET = 86400.0  # stop keeping a server's mapping alive after a day without TCP
 
 
@@ -66,8 +66,8 @@ class Router:
             log.warning(message + " (%d so far)", *args, count)
 
     # -- configuration -------------------------------------------------
-    def set_tun_address(self, address: bytes | None, network: ipaddress.IPv4Network | None,
-                        clock=None) -> None:
+    def set_tun_address(self, address: bytes | None,
+                        network: ipaddress.IPv4Network | None) -> None:
         """The tun's own address changed (or became known).  In server mode the
         pool is rebuilt; peers whose address is still valid keep it."""
         self.tun_address = address
@@ -79,7 +79,7 @@ class Router:
             return
         pool = AddressPool(cidr, reserved=[address] if address else [], key=self.pool_key)
         old = self.store
-        self.store = PeerStore(pool, self.timeout, self.max_peers, **({"clock": clock} if clock else {}))
+        self.store = PeerStore(pool, self.timeout, self.max_peers)
         if old is not None:
             for entry in old.entries():
                 if entry.address in pool:
@@ -163,9 +163,11 @@ class Router:
         return entry
 
     def _ask_to_authenticate(self, peer, now: float) -> None:
-        reply = self.server_auth.auth_required(now)
-        if reply is not None:
-            self.outbox.append((peer, [(reply, len(reply))]))
+        self._send_control(peer, self.server_auth.auth_required(now))
+
+    def _send_control(self, dest, message: bytes | None) -> None:
+        if message is not None:
+            self.outbox.append((dest, [(message, len(message))]))
 
     # -- authentication --------------------------------------------------------
     def control(self, datagram, peer, now: float) -> None:
@@ -177,10 +179,8 @@ class Router:
         kind, body = msg
         if self.server_auth is not None:
             reply, outcome = self.server_auth.on_control(kind, body, peer, now)
-            if outcome == "accepted" and self.store is not None:
-                if self.store.lookup_peer(peer, now) is None and self._admit(peer, now) is None:
-                    reply, outcome = None, "admission_refused"
-            elif outcome == "accepted":
+            if outcome == "accepted" and (self.store is None or (
+                    self.store.lookup_peer(peer, now) is None and self._admit(peer, now) is None)):
                 reply, outcome = None, "admission_refused"
         else:
             reply, released, outcome = self.client_auth.on_control(kind, body, peer, now)
@@ -192,21 +192,19 @@ class Router:
         else:
             self.count_rarely_logged("auth_fail_" + outcome, "authentication with %s:%d: %s",
                                      *peer, outcome.replace("_", " "))
-        if reply is not None:
-            self.outbox.append((peer, [(reply, len(reply))]))
+        self._send_control(peer, reply)
 
     def hold(self, dest, batches, now: float) -> None:
         """Client: data for a server we have not authenticated to yet."""
         hello, dropped = self.client_auth.hold(dest, [(bytes(b), n) for b, n in batches], now)
         if dropped:
             self.counters["tx_drop_auth_pending"] += 1
-        if hello is not None:
-            self.outbox.append((dest, [(hello, len(hello))]))
+        self._send_control(dest, hello)
 
     def tick(self, now: float) -> None:
         if self.client_auth is not None:
             for hello, dest in self.client_auth.retries(now):
-                self.outbox.append((dest, [(hello, len(hello))]))
+                self._send_control(dest, hello)
 
     def keepalive_received(self, peer, now: float) -> None:
         """An empty datagram: refresh the peer's entry (never creates one)."""
@@ -226,5 +224,3 @@ class Router:
         self.ident = (self.ident + 1) & 0xFFFF
         return self.ident
 
-
-__all__ = ["Router", "Counters", "Entry", "PoolError"]

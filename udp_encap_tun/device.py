@@ -236,6 +236,13 @@ class Tunnel:
         if pk.clamp_mss(segment, self.router.mss):
             self.counters[direction + "_mss_clamped"] += 1
 
+    def _count_received(self, entry, packets: int, nbytes: int) -> None:
+        self.counters["rx_packets"] += packets
+        self.counters["rx_bytes"] += nbytes
+        if entry is not None:  # server: the peer's own counts
+            entry.rx_packets += packets
+            entry.rx_bytes += nbytes
+
     def _send_error(self, exc: OSError) -> None:
         reason = "send_buffer_full" if exc.errno in (errno.EAGAIN, errno.ENOBUFS) else "send_error"
         self.counters["tx_drop_" + reason] += 1
@@ -275,11 +282,7 @@ class Tunnel:
                 counters["rx_drop_write_error"] += 1
                 log.debug("tun write: %s", exc)
                 continue
-            counters["rx_packets"] += 1
-            counters["rx_bytes"] += n
-            if entry is not None:
-                entry.rx_packets += 1
-                entry.rx_bytes += n
+            self._count_received(entry, 1, n)
 
 
 RX_AREA = 4 << 20  # one receive area for a whole drain of the socket
@@ -312,7 +315,7 @@ class OffloadTunnel(Tunnel):
         if gso_type & ~ol.GSO_ECN == ol.GSO_TCPV4 and gso_size:
             return ol.tso_split(pkt[:total], gso_size)
         if gso_type == ol.GSO_NONE:
-            return ((pkt[20:total], total - 20),)
+            return super().wire_segments(pkt, total)
         self.counters["tx_drop_unsupported_gso"] += 1
         return None
 
@@ -378,8 +381,4 @@ class OffloadTunnel(Tunnel):
                     npackets -= lost
                     nbytes -= lost_bytes
                     log.debug("tun write: %s", exc)
-            counters["rx_packets"] += npackets
-            counters["rx_bytes"] += nbytes
-            if entry is not None:
-                entry.rx_packets += npackets
-                entry.rx_bytes += nbytes
+            self._count_received(entry, npackets, nbytes)

@@ -62,7 +62,6 @@ class Tun:
                 raise OperatorError(f"cannot attach tun {name}: it is in use by another process") from None
             raise OperatorError(f"cannot attach tun {name}: {exc.strerror}") from None
         self.fd = fd
-        self.vnet_hdr = vnet_hdr
         self.index = self.ipr.link_lookup(ifname=name)[0]
         if self.created:
             self._disable_ipv6()
