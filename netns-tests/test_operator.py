@@ -81,7 +81,11 @@ def test_port_already_in_use(pair: Pair):
 def test_created_tun_is_removed_on_sigterm(pair: Pair):
     server = pair.start_server()
     assert pair.s.link_exists(pair.stun)
-    server.stop()  # exit status 0
+    # a tun it creates gets no IPv6 (only IPv4 crosses): no router solicitations to drop
+    ipv6 = pair.s.run("sysctl", "-n", f"net.ipv6.conf.{pair.stun}.disable_ipv6").stdout.strip()
+    assert ipv6 == "1"
+    final = server.stop()  # exit status 0
+    assert "tx_drop_not_ipv4" not in final, final
     assert not pair.s.link_exists(pair.stun)
 
 
