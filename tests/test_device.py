@@ -85,3 +85,123 @@ def test_tx_path_cuts_a_tso_packet_and_counts_per_peer(sockets):
     assert b"".join(d[20:] for d in datagrams) == payload
     assert (entry.tx_packets, entry.tx_bytes) == (3, 3 * 20 + len(payload))
     assert tunnel.counters["tx_packets"] == 3
+
+
+# -- the receive side and the drain rules ----------------------------------------
+
+
+@pytest.fixture
+def tun_pair():
+    """A datagram socket pair standing in for the tun: packet boundaries kept."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    ours.setblocking(False)
+    theirs.settimeout(2)
+    yield ours, theirs
+    ours.close()
+    theirs.close()
+
+
+def data_segment(seq: int, payload: bytes) -> bytes:
+    import struct
+
+    from udp_encap_tun import packet
+    return struct.pack("!HHIIBBHHH", 7000, 40000, seq, 1, 5 << 4, packet.ACK, 500, 0, 0) + payload
+
+
+def rx_tunnel(kind, sockets, tun_pair):
+    from types import SimpleNamespace
+    tx, rx = sockets
+    router = Router(endpoint_port=1)
+    router.set_tun_address(bytes([10, 9, 0, 2]), None)
+    rx.setblocking(False)
+    tun = SimpleNamespace(fd=tun_pair[0].fileno())
+    if kind == "simple":
+        return Tunnel(router, tun, rx)
+    return OffloadTunnel(router, tun, rx, gso=False, gro=probe_udp_offload(rx)[1])
+
+
+def written(theirs, count):
+    return [theirs.recv(70000) for _ in range(count)]
+
+
+def test_pending_tells_whether_something_is_queued(tun_pair):
+    from udp_encap_tun.device import Pending
+    ours, theirs = tun_pair
+    pending = Pending(ours.fileno())
+    try:
+        assert not pending()
+        theirs.send(b"x")
+        assert pending()
+        ours.recv(10)
+        assert not pending()
+    finally:
+        pending.close()
+
+
+@pytest.mark.parametrize("kind", ["simple", "offload"])
+def test_lone_small_datagram_reaches_the_tun_with_valid_checksums(sockets, tun_pair, kind):
+    from udp_encap_tun import offload, packet
+    tunnel = rx_tunnel(kind, sockets, tun_pair)
+    tx, rx = sockets
+    seg = data_segment(5, b"?")
+    tx.sendto(seg, rx.getsockname())
+    time.sleep(0.05)
+    tunnel.on_udp()
+    [out] = written(tun_pair[1], 1)
+    if kind == "offload":  # all-zero vnet header: no offload flags, the checksum is ours
+        assert out[:offload.VNET_HDR_LEN] == bytes(offload.VNET_HDR_LEN)
+        out = out[offload.VNET_HDR_LEN:]
+    assert out[20:] == seg[:16] + out[36:38] + seg[18:]
+    assert packet.checksum(out[:20]) == 0 and packet.tcp_checksum_ok(out)
+    assert out[12:16] == bytes([127, 0, 0, 1]) and out[16:20] == bytes([10, 9, 0, 2])
+    assert tunnel.counters["rx_packets"] == 1
+
+
+@pytest.mark.parametrize("kind", ["simple", "offload"])
+def test_small_datagrams_queued_together_are_all_drained(sockets, tun_pair, kind):
+    """A small datagram ends a drain only when nothing else is queued."""
+    tunnel = rx_tunnel(kind, sockets, tun_pair)
+    tx, rx = sockets
+    for i in range(3):  # not in sequence: nothing to coalesce
+        tx.sendto(data_segment(i * 100, b"?"), rx.getsockname())
+    time.sleep(0.05)
+    tunnel.on_udp()
+    assert len(written(tun_pair[1], 3)) == 3
+    assert tunnel.counters["rx_packets"] == 3
+    assert not tunnel.udp_pending()
+
+
+def test_offload_drain_coalesces_full_segments(sockets, tun_pair):
+    from udp_encap_tun import offload
+    tunnel = rx_tunnel("offload", sockets, tun_pair)
+    tx, rx = sockets
+    payload = bytes(range(256)) * 4
+    for i in range(3):
+        tx.sendto(data_segment(1 + i * len(payload), payload), rx.getsockname())
+    time.sleep(0.05)
+    tunnel.on_udp()
+    [out] = written(tun_pair[1], 1)
+    _flags, gso_type, _hdr_len, gso_size, _, _ = offload.VNET_HDR.unpack_from(out, 0)
+    assert (gso_type, gso_size) == (offload.GSO_TCPV4, len(payload))
+    assert out[offload.VNET_HDR_LEN + 40:] == payload * 3
+    assert tunnel.counters["rx_packets"] == 3
+
+
+def test_tx_drains_small_packets_queued_together(sockets, tun_pair):
+    import ipaddress
+
+    from udp_encap_tun import packet
+    from types import SimpleNamespace
+    tx, rx = sockets
+    ours, theirs = tun_pair
+    router = Router()
+    router.set_tun_address(bytes([10, 9, 0, 1]), ipaddress.IPv4Network("10.9.0.0/24"))
+    entry = router.rx_addresses(rx.getsockname(), time.monotonic())[2]
+    tunnel = Tunnel(router, SimpleNamespace(fd=ours.fileno()), tx)
+    for i in range(3):
+        pkt = bytearray(20) + data_segment(i, b"!")
+        packet.write_ipv4_header(pkt, 0, len(pkt), i, bytes([10, 9, 0, 1]), entry.address)
+        theirs.send(pkt)
+    tunnel.on_tun()
+    assert [d[4:8] for d in received(rx, 3)] == [i.to_bytes(4, "big") for i in range(3)]
+    assert not tunnel.tun_pending()

@@ -35,6 +35,7 @@ class Router:
                  mss: int | None = None, keys: auth.Keys | None = None,
                  admission_rate: float = 100.0):
         self.endpoint_port = endpoint_port
+        self.client = endpoint_port is not None  # client mode (else server mode)
         self.mss = mss  # clamp the MSS of SYNs crossing the tunnel to this (None: off)
         self.remotes: dict = {}  # client: (host, port) -> last TX time, for keepalives
         self.pool_cidr = pool_cidr
@@ -53,10 +54,6 @@ class Router:
         self.admission = auth.TokenBucket(admission_rate, max(1.0, admission_rate))
         self.client_auth = auth.ClientAuth(keys) if keys and self.client else None
         self.server_auth = auth.ServerAuth(keys) if keys and not self.client else None
-
-    @property
-    def client(self) -> bool:
-        return self.endpoint_port is not None
 
     def count_rarely_logged(self, name: str, message: str, *args, amount: int = 1) -> None:
         """Count an event and log it when its count crosses a power of two."""

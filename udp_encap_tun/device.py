@@ -8,7 +8,7 @@ import errno
 import json
 import logging
 import os
-import selectors
+import select
 import signal
 import socket
 import sys
@@ -24,8 +24,31 @@ from .store import PoolError
 log = logging.getLogger(__name__)
 
 BATCH = 64  # packets handled per fd before looking at the others again
+# After a read shorter than this (an ACK, a small request) the drain of an fd goes
+# on only if a zero-timeout epoll says more is queued (see Pending).  After a
+# longer one (bulk: super-packets, GRO buffers) it just reads on.
+SMALL = 512
 HOUSEKEEPING = 1.0  # seconds between store expiry runs
 BUFSIZE = 65536
+
+
+class Pending:
+    """Whether an fd has something queued, without reading it: a zero-timeout
+    epoll_wait on an epoll that watches only that fd.  That costs about a
+    third of a read that fails with EAGAIN, whose exception Python builds with
+    a decoded strerror message; a one-packet wake-up (request/response) would
+    pay for such a read on every hop."""
+
+    def __init__(self, fd: int):
+        self._epoll = select.epoll()
+        self._epoll.register(fd, select.EPOLLIN)
+        self._poll = self._epoll.poll
+
+    def __call__(self) -> bool:
+        return bool(self._poll(0))
+
+    def close(self) -> None:
+        self._epoll.close()
 
 
 class Service:
@@ -47,6 +70,9 @@ class Service:
 
 
 class Tunnel:
+    tun_header_len = 0  # bytes in front of each packet read from or written to the tun
+    rx_size = BUFSIZE  # the RX buffer's room for received datagrams
+
     def __init__(self, router: Router, tun, sock: socket.socket, clock=time.monotonic,
                  services=()):
         self.router = router
@@ -54,14 +80,17 @@ class Tunnel:
         self.counters = router.counters
         self.tun = tun
         self.sock = sock
+        self.tun_pending = Pending(tun.fd) if tun is not None else None
+        self.udp_pending = Pending(sock.fileno())
         self.clock = clock
         self.running = False
-        # RX buffer: room for the IPv4 header in front of the received segment
-        self.rxbuf = bytearray(pk.IPV4_HEADER_LEN + BUFSIZE)
+        # RX buffer: datagrams land at rx_start, with room for the tun's headers
+        # in front (the tun header part stays zero: no offload flags)
+        self.rx_start = self.tun_header_len + pk.IPV4_HEADER_LEN
+        self.rxbuf = bytearray(self.rx_start + self.rx_size)
         self.rxview = memoryview(self.rxbuf)
         self.txbuf = bytearray(BUFSIZE + 16)
         self.txview = memoryview(self.txbuf)
-        self.tun_header_len = 0
         self.data_path = "simple (one packet per system call)"
 
     # -- setup -----------------------------------------------------------
@@ -73,7 +102,10 @@ class Tunnel:
             log.error("%s: new peers are refused until the tun address or pool is fixed", exc)
 
     def run(self) -> None:
-        sel = selectors.DefaultSelector()
+        # A bare epoll and a dict of callbacks: selectors costs a few microseconds
+        # per wake-up, which one-packet wake-ups (request/response) feel.
+        poller = select.epoll()
+        callbacks = {}
         rpipe, wpipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_wakeup = signal.set_wakeup_fd(wpipe)
         handlers = {s: signal.signal(s, lambda *_: None)
@@ -81,39 +113,41 @@ class Tunnel:
         monitor = self.tun.start_monitor()
         self._address_changed()
         self.sock.setblocking(False)
-        sel.register(self.tun.fd, selectors.EVENT_READ, self.on_tun)
-        sel.register(self.sock.fileno(), selectors.EVENT_READ, self.on_udp)
-        sel.register(monitor.fileno(), selectors.EVENT_READ, self.on_netlink)
-        sel.register(rpipe, selectors.EVENT_READ, lambda: self.on_signal(rpipe))
+        watched = [(self.tun.fd, self.on_tun), (self.sock.fileno(), self.on_udp),
+                   (monitor.fileno(), self.on_netlink), (rpipe, lambda: self.on_signal(rpipe))]
         for service in self.services:
-            for fd, callback in service.watch(self):
-                sel.register(fd, selectors.EVENT_READ, callback)
+            watched.extend(service.watch(self))
+        for fd, callback in watched:
+            poller.register(fd, select.EPOLLIN)
+            callbacks[fd] = callback
         self.running = True
-        next_housekeeping = self.clock() + HOUSEKEEPING
+        clock, poll, router = self.clock, poller.poll, self.router
+        next_housekeeping = clock() + HOUSEKEEPING
         log.info("ready: %s mode, tun %s, UDP port %d",
-                 "client" if self.router.client else "server", self.tun.name,
+                 "client" if router.client else "server", self.tun.name,
                  self.sock.getsockname()[1])
         for service in self.services:
             service.ready(self)
         try:
             while self.running:
-                events = sel.select(max(0.0, next_housekeeping - self.clock()))
-                for key, _ in events:
+                timeout = next_housekeeping - clock()
+                for fd, _ in poll(timeout if timeout > 0 else 0):
                     try:
-                        key.data()
+                        callbacks[fd]()
                     except Exception:  # a bug must not take the tunnel down
                         self.counters["internal_error"] += 1
                         log.exception("internal error (tunnel keeps running)")
-                now = self.clock()
+                now = clock()
                 if now >= next_housekeeping:
                     self.housekeeping(now)
                     next_housekeeping = now + HOUSEKEEPING
-                if self.router.outbox:
+                if router.outbox:
                     self.flush_outbox()
         finally:
             for service in self.services:
                 service.close(self)
-            sel.close()
+            for fd_poller in (poller, self.tun_pending, self.udp_pending):
+                fd_poller.close()
             signal.set_wakeup_fd(old_wakeup)
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -142,22 +176,23 @@ class Tunnel:
         and bytes sent (also counted)."""
         packets = nbytes = 0
         for data, size in batches:
+            n = len(data)
             try:
-                self.send_batch(data, size, dest)
+                if n <= size:  # one datagram: the common case, no detour
+                    self.sock.sendto(data, dest)
+                else:
+                    self.send_batch(data, size, dest)
             except OSError as exc:
                 self._send_error(exc)
                 continue
-            packets += -(-len(data) // size)
-            nbytes += len(data)
+            packets += -(-n // size)
+            nbytes += n
         self.counters["tx_packets"] += packets
         self.counters["tx_bytes"] += nbytes
         return packets, nbytes
 
     def send_batch(self, data, size: int, dest) -> None:
-        """One datagram per segment."""
-        if len(data) <= size:
-            self.sock.sendto(data, dest)
-            return
+        """Several segments: one datagram each."""
         for off in range(0, len(data), size):
             self.sock.sendto(data[off:off + size], dest)
 
@@ -186,8 +221,12 @@ class Tunnel:
         fd, buf, view, hlen = self.tun.fd, self.txbuf, self.txview, self.tun_header_len
         router, counters = self.router, self.counters
         client_auth, send_batches, wire_segments = router.client_auth, self.send_batches, self.wire_segments
+        pending = self.tun_pending
         now = self.clock()
+        more = True
         for _ in range(BATCH):
+            if not more:
+                return
             try:
                 n = os.readv(fd, (buf,))
             except BlockingIOError:
@@ -196,6 +235,7 @@ class Tunnel:
                 counters["tx_read_error"] += 1
                 log.debug("tun read: %s", exc)
                 return
+            more = n >= SMALL or pending()
             pkt = view[hlen:n]
             reason = pk.classify_tx(pkt)
             if reason is not None:
@@ -250,11 +290,10 @@ class Tunnel:
             log.debug("sendto: %s", exc)
 
     def on_udp(self) -> None:
-        """RX: datagrams become IPv4 packets written to the tun."""
-        buf, view = self.rxbuf, self.rxview
-        seg_view = view[pk.IPV4_HEADER_LEN:]
-        router, counters, recvfrom_into = self.router, self.counters, self.sock.recvfrom_into
-        fd = self.tun.fd
+        """RX: datagrams become IPv4 packets written to the tun, one by one."""
+        start, deliver, counters = self.rx_start, self.deliver, self.counters
+        recvfrom_into, seg_view = self.sock.recvfrom_into, self.rxview[start:]
+        pending = self.udp_pending
         now = self.clock()
         for _ in range(BATCH):
             try:
@@ -265,27 +304,36 @@ class Tunnel:
                 counters["rx_recv_error"] += 1
                 log.debug("recvfrom: %s", exc)
                 continue
-            reason = pk.classify_rx(seg_view[:n])
-            if reason is not None:
-                self.not_tcp(seg_view[:n], reason, peer, now)
-                continue
-            addrs = router.rx_addresses(peer, now)
-            if addrs is None:
-                continue
-            src, dst, entry = addrs
-            if buf[33] & pk.SYN and router.mss:
-                self._clamp(seg_view[:n], "rx")
-            pk.build_rx_packet(buf, n, router.next_ident(), src, dst)
-            try:
-                os.write(fd, view[:pk.IPV4_HEADER_LEN + n])
-            except OSError as exc:
-                counters["rx_drop_write_error"] += 1
-                log.debug("tun write: %s", exc)
-                continue
-            self._count_received(entry, 1, n)
+            deliver(start, n, peer, now)
+            if n < SMALL and not pending():
+                return
+
+    def deliver(self, start: int, n: int, peer, now: float) -> None:
+        """A datagram at ``rxbuf[start:start+n]`` (the tun's headers fit in front
+        of it) goes to the tun on its own, with a TCP checksum computed here."""
+        buf, view, router = self.rxbuf, self.rxview, self.router
+        seg = view[start:start + n]
+        reason = pk.classify_rx(seg)
+        if reason is not None:
+            self.not_tcp(seg, reason, peer, now)
+            return
+        addrs = router.rx_addresses(peer, now)
+        if addrs is None:
+            return
+        src, dst, entry = addrs
+        if seg[13] & pk.SYN and router.mss:
+            self._clamp(seg, "rx")
+        pk.build_rx_packet(buf, n, router.next_ident(), src, dst, start - pk.IPV4_HEADER_LEN)
+        try:
+            os.write(self.tun.fd, view[start - self.rx_start:start + n])
+        except OSError as exc:
+            self.counters["rx_drop_write_error"] += 1
+            log.debug("tun write: %s", exc)
+            return
+        self._count_received(entry, 1, n)
 
 
-RX_AREA = 4 << 20  # one receive area for a whole drain of the socket
+RX_AREA = 4 << 20  # the offload path's RX buffer: room for a whole drain of the socket
 RX_BATCH = 256  # datagrams (or GRO buffers) per drain before writing to the tun
 
 
@@ -295,7 +343,11 @@ class OffloadTunnel(Tunnel):
     TX: one tun read gives a TCP super-packet; offload.tso_split cuts it into
     wire segments that leave in one sendmsg each batch (UDP_SEGMENT).
     RX: a whole drain of the socket (GRO buffers or single datagrams) is
-    coalesced per peer into super-packets the kernel checksums (NEEDS_CSUM)."""
+    coalesced per peer into super-packets the kernel checksums (NEEDS_CSUM).
+    A lone small datagram takes the simple path's deliver()."""
+
+    tun_header_len = ol.VNET_HDR_LEN
+    rx_size = RX_AREA
 
     def __init__(self, router: Router, tun, sock: socket.socket, gso: bool, gro: bool,
                  clock=time.monotonic, services=()):
@@ -304,39 +356,37 @@ class OffloadTunnel(Tunnel):
         self.gro = gro
         self.data_path = "offload (TUN TSO and checksum; UDP GSO %s, GRO %s)" % (
             "on" if gso else "off: one sendto per segment", "on" if gro else "off")
-        self.tun_header_len = ol.VNET_HDR_LEN
         self._unpack_vnet = ol.VNET_HDR.unpack_from
-        self.rxarea = bytearray(RX_AREA)
-        self.rxareaview = memoryview(self.rxarea)
         self.cmsg_space = socket.CMSG_SPACE(4)
 
     def wire_segments(self, pkt, total: int):
+        if self.txbuf[1] == ol.GSO_NONE:  # the vnet header's gso_type: a plain packet
+            return ((pkt[20:total], total - 20),)
         gso_type, gso_size = self._unpack_vnet(self.txbuf, 0)[1:4:2]
         if gso_type & ~ol.GSO_ECN == ol.GSO_TCPV4 and gso_size:
             return ol.tso_split(pkt[:total], gso_size)
-        if gso_type == ol.GSO_NONE:
-            return super().wire_segments(pkt, total)
         self.counters["tx_drop_unsupported_gso"] += 1
         return None
 
     def send_batch(self, data, size: int, dest) -> None:
         """All segments in one sendmsg (UDP_SEGMENT), where the kernel has it."""
-        if len(data) <= size or not self.gso:
+        if not self.gso:
             return super().send_batch(data, size, dest)
         self.sock.sendmsg((data,), ((SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder)),), 0, dest)
 
     def on_udp(self) -> None:
-        area, view = self.rxarea, self.rxareaview
+        view = self.rxview
         router, counters = self.router, self.counters
         recvmsg_into, cmsg_space = self.sock.recvmsg_into, self.cmsg_space
-        classify_rx = pk.classify_rx
+        classify_rx, pending = pk.classify_rx, self.udp_pending
         fd = self.tun.fd
         now = self.clock()
         groups = []  # [peer, [segments]] in arrival order, one per run of a peer
-        off = 0
-        limit = len(area) - BUFSIZE
+        off = start = self.rx_start
+        limit = len(view) - BUFSIZE
+        more = True
         for _ in range(RX_BATCH):
-            if off > limit:
+            if off > limit or not more:
                 break
             try:
                 n, ancdata, _flags, peer = recvmsg_into((view[off:off + BUFSIZE],), cmsg_space)
@@ -346,10 +396,14 @@ class OffloadTunnel(Tunnel):
                 counters["rx_recv_error"] += 1
                 log.debug("recvmsg: %s", exc)
                 continue
+            more = n >= SMALL or pending()
             seg_size = 0
             for level, kind, data in ancdata:
                 if level == SOL_UDP and kind == UDP_GRO:
                     seg_size = int.from_bytes(data[:4], sys.byteorder)
+            if not more and off == start and not seg_size:
+                # a lone small datagram (request/response): nothing to coalesce
+                return self.deliver(start, n, peer, now)
             good = []
             for seg in ol.split_gro(view[off:off + n], n, seg_size) if n else (view[off:off],):
                 reason = classify_rx(seg)

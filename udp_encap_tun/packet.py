@@ -131,12 +131,13 @@ def tcp_checksum_ok(packet) -> bool:
     return ones_sum(seg, pseudo_header_sum(bytes(packet[12:16]), bytes(packet[16:20]), len(seg))) == 0xFFFF
 
 
-def build_rx_packet(buf: bytearray, seg_len: int, ident: int, src: bytes, dst: bytes) -> None:
-    """Turn ``buf[20:20+seg_len]`` (a received TCP segment) into a full IPv4
-    packet ``buf[:20+seg_len]``: header synthesized, TCP checksum made valid for
-    (src, dst)."""
-    fill_tcp_checksum(buf, IPV4_HEADER_LEN, seg_len, src, dst)
-    write_ipv4_header(buf, 0, IPV4_HEADER_LEN + seg_len, ident, src, dst)
+def build_rx_packet(buf: bytearray, seg_len: int, ident: int, src: bytes, dst: bytes,
+                    offset: int = 0) -> None:
+    """Turn ``buf[offset+20:offset+20+seg_len]`` (a received TCP segment) into a
+    full IPv4 packet ``buf[offset:offset+20+seg_len]``: header synthesized, TCP
+    checksum made valid for (src, dst)."""
+    fill_tcp_checksum(buf, offset + IPV4_HEADER_LEN, seg_len, src, dst)
+    write_ipv4_header(buf, offset, IPV4_HEADER_LEN + seg_len, ident, src, dst)
 
 
 def clamp_mss(segment, mss_max: int) -> bool:
