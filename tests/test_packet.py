@@ -112,6 +112,21 @@ def test_build_rx_packet_makes_valid_ipv4_and_tcp():
     assert bytes(buf[20:36]) == seg[:16] and bytes(buf[38:]) == seg[18:]  # only the checksum changed
 
 
+@given(st.binary(min_size=4, max_size=4), st.binary(min_size=4, max_size=4),
+       st.binary(max_size=1500), st.integers(0, 0x1FFFF), st.integers(0, 12))
+def test_build_rx_packet_checksums_verify_by_the_reference(src, dst, payload, ident, offset):
+    """Header and TCP checksums (added up from cached per-address sums) check
+    out with the slow reference, for any addresses, length, ID and offset."""
+    seg = tcp_segment(payload)
+    buf = bytearray(offset + 20) + seg
+    pk.build_rx_packet(buf, len(seg), ident, src, dst, offset)
+    packet = bytes(buf[offset:])
+    assert reference_checksum(packet[:20]) == 0
+    pseudo = src + dst + struct.pack("!HH", pk.IPPROTO_TCP, len(seg))
+    assert reference_checksum(pseudo + packet[20:]) == 0
+    assert struct.unpack_from("!H", packet, 4)[0] == ident & 0xFFFF
+
+
 def test_build_rx_packet_overrides_any_incoming_checksum():
     seg = bytearray(tcp_segment(b"x" * 33))
     seg[16:18] = b"\x12\x34"  # whatever the sender's pseudo-header gave

@@ -128,9 +128,10 @@ class Tunnel:
                  self.sock.getsockname()[1])
         for service in self.services:
             service.ready(self)
+        now = clock()
         try:
             while self.running:
-                timeout = next_housekeeping - clock()
+                timeout = next_housekeeping - now
                 for fd, _ in poll(timeout if timeout > 0 else 0):
                     try:
                         callbacks[fd]()

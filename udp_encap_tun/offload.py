@@ -30,11 +30,11 @@ from .packet import (
     ACK,
     CWR,
     FIN,
-    IPPROTO_TCP,
     IPV4_HEADER_LEN,
     MAX_UDP_PAYLOAD,
     PSH,
-    ones_sum,
+    address_sums,
+    fold,
     write_ipv4_header,
 )
 
@@ -167,26 +167,14 @@ def split_gro(buf, length: int, seg_size: int) -> list:
     return [mv[o:o + seg_size] for o in range(0, length, seg_size)]
 
 
-_pseudo_bases: dict = {}
-
-
 def _pseudo_base(src: bytes, dst: bytes) -> int:
-    """Folded ones' sum of the address part + protocol of the pseudo-header
-    (cached: a tunnel has few address pairs)."""
-    key = (src, dst)
-    base = _pseudo_bases.get(key)
-    if base is None:
-        if len(_pseudo_bases) >= 256:
-            _pseudo_bases.clear()
-        base = _pseudo_bases[key] = ones_sum(bytes(src) + bytes(dst), IPPROTO_TCP)
-    return base
+    """The TCP pseudo-header's sum without its length (see packet.address_sums)."""
+    return address_sums(src, dst)[1]
 
 
 def _pseudo_sum(base: int, tcp_len: int) -> int:
     """Same value as ``packet.pseudo_header_sum(src, dst, tcp_len)``."""
-    s = base + tcp_len
-    s = (s & 0xFFFF) + (s >> 16)
-    return (s & 0xFFFF) + (s >> 16)
+    return fold(base + tcp_len)
 
 
 _run_structs: dict = {}

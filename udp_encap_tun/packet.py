@@ -60,7 +60,33 @@ def checksum(data, initial: int = 0) -> int:
 
 def pseudo_header_sum(src: bytes, dst: bytes, tcp_length: int) -> int:
     """Folded ones' sum of the IPv4 TCP pseudo-header (not complemented)."""
-    return ones_sum(src + dst, IPPROTO_TCP + tcp_length)
+    return fold(address_sums(src, dst)[1] + tcp_length)
+
+
+def fold(total: int) -> int:
+    """A ones' sum of a few 16-bit terms folded back into 16 bits."""
+    total = (total & 0xFFFF) + (total >> 16)
+    return (total & 0xFFFF) + (total >> 16)
+
+
+# the fixed 16-bit words of our IPv4 headers: version/IHL, DF, TTL/protocol
+_IP_FIXED_SUM = 0x4500 + 0x4000 + (DEFAULT_TTL << 8 | IPPROTO_TCP)
+_address_sums: dict = {}
+
+
+def address_sums(src: bytes, dst: bytes) -> tuple[int, int]:
+    """Folded ones' sums of what depends only on the address pair, cached (a
+    tunnel sees few pairs): our IPv4 header without its length and ID, and the
+    TCP pseudo-header without its length."""
+    key = (src, dst)
+    sums = _address_sums.get(key)
+    if sums is None:
+        if len(_address_sums) >= 256:
+            _address_sums.clear()
+        addresses = bytes(src) + bytes(dst)
+        sums = _address_sums[key] = (ones_sum(addresses, _IP_FIXED_SUM),
+                                     ones_sum(addresses, IPPROTO_TCP))
+    return sums
 
 
 def classify_tx(packet) -> str | None:
@@ -104,14 +130,14 @@ def classify_rx(segment) -> str | None:
     return None
 
 
-def write_ipv4_header(buf, offset: int, total_len: int, ident: int, src: bytes, dst: bytes,
-                      ttl: int = DEFAULT_TTL) -> None:
-    """Write a 20-byte IPv4 header for a TCP packet (DF set) with a correct checksum."""
-    _IP_HDR.pack_into(buf, offset, 0x45, 0, total_len, ident & 0xFFFF, 0x4000, ttl,
-                      IPPROTO_TCP, 0, src, dst)
-    csum = checksum(memoryview(buf)[offset:offset + IPV4_HEADER_LEN])
-    buf[offset + 10] = csum >> 8
-    buf[offset + 11] = csum & 0xFF
+def write_ipv4_header(buf, offset: int, total_len: int, ident: int, src: bytes,
+                      dst: bytes) -> None:
+    """Write a 20-byte IPv4 header for a TCP packet (TTL 64, DF) with a correct
+    checksum, added up from the cached address part."""
+    ident &= 0xFFFF
+    csum = ~fold(address_sums(src, dst)[0] + total_len + ident) & 0xFFFF
+    _IP_HDR.pack_into(buf, offset, 0x45, 0, total_len, ident, 0x4000, DEFAULT_TTL,
+                      IPPROTO_TCP, csum, src, dst)
 
 
 def fill_tcp_checksum(buf, offset: int, length: int, src: bytes, dst: bytes) -> None:
@@ -119,7 +145,7 @@ def fill_tcp_checksum(buf, offset: int, length: int, src: bytes, dst: bytes) -> 
     pseudo-header (src, dst) and store it in the segment."""
     buf[offset + 16] = 0
     buf[offset + 17] = 0
-    csum = checksum(memoryview(buf)[offset:offset + length], pseudo_header_sum(src, dst, length))
+    csum = checksum(buf[offset:offset + length], address_sums(src, dst)[1] + length)
     buf[offset + 16] = csum >> 8
     buf[offset + 17] = csum & 0xFF
 
