@@ -1,4 +1,4 @@
-"""The I/O loop: a selector over the tun, the UDP socket, the netlink address
+"""The I/O loop: an epoll over the tun, the UDP socket, the netlink address
 monitor and a signal wake-up pipe.  Packet decisions live in core.Router and
 packet.py; this file only moves bytes."""
 
