@@ -147,8 +147,9 @@ class Tunnel:
         finally:
             for service in self.services:
                 service.close(self)
-            for fd_poller in (poller, self.tun_pending, self.udp_pending):
-                fd_poller.close()
+            poller.close()
+            self.tun_pending.close()
+            self.udp_pending.close()
             signal.set_wakeup_fd(old_wakeup)
             for s, h in handlers.items():
                 signal.signal(s, h)
