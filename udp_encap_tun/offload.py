@@ -167,16 +167,6 @@ def split_gro(buf, length: int, seg_size: int) -> list:
     return [mv[o:o + seg_size] for o in range(0, length, seg_size)]
 
 
-def _pseudo_base(src: bytes, dst: bytes) -> int:
-    """The TCP pseudo-header's sum without its length (see packet.address_sums)."""
-    return address_sums(src, dst)[1]
-
-
-def _pseudo_sum(base: int, tcp_len: int) -> int:
-    """Same value as ``packet.pseudo_header_sum(src, dst, tcp_len)``."""
-    return fold(base + tcp_len)
-
-
 _run_structs: dict = {}
 
 
@@ -229,7 +219,7 @@ def _single(seg, doff, base, src, dst, ident) -> bytearray:
     _pack_vnet_into(out, 0, NEEDS_CSUM, GSO_NONE, IPV4_HEADER_LEN + doff, 0,
                     IPV4_HEADER_LEN, TCP_CSUM_OFFSET)
     write_ipv4_header(out, VNET_HDR_LEN, IPV4_HEADER_LEN + tcp_len, ident, src, dst)
-    _pack_u16_into(out, _TCP_OFF + TCP_CSUM_OFFSET, _pseudo_sum(base, tcp_len))
+    _pack_u16_into(out, _TCP_OFF + TCP_CSUM_OFFSET, fold(base + tcp_len))
     return out
 
 
@@ -248,7 +238,7 @@ def coalesce(segments, src: bytes, dst: bytes, next_ident) -> list:
     """
     if len(segments) == 1:  # the common case at low rates: nothing to merge
         seg = segments[0]
-        return [_single(seg, (seg[12] >> 4) << 2, _pseudo_base(src, dst), src, dst, next_ident())]
+        return [_single(seg, (seg[12] >> 4) << 2, address_sums(src, dst)[1], src, dst, next_ident())]
     items: list = []  # _Run for data runs, (segment, doff) for singles
     open_runs: dict = {}  # ports -> _Run that may still grow
 
@@ -321,7 +311,7 @@ def coalesce(segments, src: bytes, dst: bytes, next_ident) -> list:
     if cur is not None:
         cur.plen = c_len
 
-    base = _pseudo_base(src, dst)
+    base = address_sums(src, dst)[1]
     out = []
     append = out.append
     for item in items:
@@ -342,6 +332,6 @@ def coalesce(segments, src: bytes, dst: bytes, next_ident) -> list:
         write_ipv4_header(buf, VNET_HDR_LEN, IPV4_HEADER_LEN + tcp_len, next_ident(), src, dst)
         if item.push:
             buf[_TCP_OFF + 13] |= PSH
-        _pack_u16_into(buf, _TCP_OFF + TCP_CSUM_OFFSET, _pseudo_sum(base, tcp_len))
+        _pack_u16_into(buf, _TCP_OFF + TCP_CSUM_OFFSET, fold(base + tcp_len))
         append(buf)
     return out
