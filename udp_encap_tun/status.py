@@ -8,7 +8,7 @@ The server accepts, writes one JSON document and closes; it never reads.
 
 The daemon side never blocks the loop and never stalls it.  The service keeps
 its own epoll set (the listener and the connections being written) and gives
-the tunnel's selector only that epoll's descriptor, so it is called exactly
+the tunnel's epoll loop only that epoll's descriptor, so it is called exactly
 when a connection can be accepted or written.  The document is encoded in
 slices of PEERS_PER_CHUNK peers, about SLICE seconds of work each time the
 loop calls us, and only as fast as the reader takes them: a server with 65536
