@@ -293,8 +293,8 @@ class Tunnel:
 
     def on_udp(self) -> None:
         """RX: datagrams become IPv4 packets written to the tun, one by one."""
-        start, deliver, counters = self.rx_start, self.deliver, self.counters
-        recvfrom_into, seg_view = self.sock.recvfrom_into, self.rxview[start:]
+        deliver, counters = self.deliver, self.counters
+        recvfrom_into, seg_view = self.sock.recvfrom_into, self.rxview[self.rx_start:]
         pending = self.udp_pending
         now = self.clock()
         for _ in range(BATCH):
@@ -306,14 +306,14 @@ class Tunnel:
                 counters["rx_recv_error"] += 1
                 log.debug("recvfrom: %s", exc)
                 continue
-            deliver(start, n, peer, now)
+            deliver(n, peer, now)
             if n < SMALL and not pending():
                 return
 
-    def deliver(self, start: int, n: int, peer, now: float) -> None:
-        """A datagram at ``rxbuf[start:start+n]`` (the tun's headers fit in front
-        of it) goes to the tun on its own, with a TCP checksum computed here."""
-        buf, view, router = self.rxbuf, self.rxview, self.router
+    def deliver(self, n: int, peer, now: float) -> None:
+        """A datagram of *n* bytes at ``rxbuf[rx_start:]`` (the tun's headers fit
+        in front of it) goes to the tun on its own, with a TCP checksum computed here."""
+        buf, view, router, start = self.rxbuf, self.rxview, self.router, self.rx_start
         seg = view[start:start + n]
         reason = pk.classify_rx(seg)
         if reason is not None:
@@ -327,7 +327,7 @@ class Tunnel:
             self._clamp(seg, "rx")
         pk.build_rx_packet(buf, n, router.next_ident(), src, dst, start - pk.IPV4_HEADER_LEN)
         try:
-            os.write(self.tun.fd, view[start - self.rx_start:start + n])
+            os.write(self.tun.fd, view[:start + n])
         except OSError as exc:
             self.counters["rx_drop_write_error"] += 1
             log.debug("tun write: %s", exc)
@@ -405,7 +405,7 @@ class OffloadTunnel(Tunnel):
                     seg_size = int.from_bytes(data[:4], sys.byteorder)
             if not more and off == start and not seg_size:
                 # a lone small datagram (request/response): nothing to coalesce
-                return self.deliver(start, n, peer, now)
+                return self.deliver(n, peer, now)
             good = []
             for seg in ol.split_gro(view[off:off + n], n, seg_size) if n else (view[off:off],):
                 reason = classify_rx(seg)
