@@ -1,13 +1,19 @@
-"""The send side of the I/O loop on loopback sockets (no root, no tun)."""
+"""The I/O loop's send and receive sides on loopback sockets, with a socket pair
+or a pipe standing in for the tun (no root)."""
 
+import ipaddress
+import os
 import socket
+import struct
 import time
+from types import SimpleNamespace
 
 import pytest
 
+from udp_encap_tun import offload, packet
 from udp_encap_tun.conn import probe_udp_offload
 from udp_encap_tun.core import Router
-from udp_encap_tun.device import OffloadTunnel, Tunnel
+from udp_encap_tun.device import OffloadTunnel, Pending, Tunnel
 
 
 @pytest.fixture
@@ -54,13 +60,6 @@ def test_tx_path_cuts_a_tso_packet_and_counts_per_peer(sockets):
     """The TX loop end to end, with a pipe standing in for the tun: a 3-MSS
     super-packet to a peer's generated address leaves as 3 datagrams, and the
     peer's own counters say so."""
-    import ipaddress
-    import os
-    import struct
-    from types import SimpleNamespace
-
-    from udp_encap_tun import offload, packet
-
     tx, rx = sockets
     router = Router()
     router.set_tun_address(bytes([10, 9, 0, 1]), ipaddress.IPv4Network("10.9.0.0/24"))
@@ -102,14 +101,10 @@ def tun_pair():
 
 
 def data_segment(seq: int, payload: bytes) -> bytes:
-    import struct
-
-    from udp_encap_tun import packet
     return struct.pack("!HHIIBBHHH", 7000, 40000, seq, 1, 5 << 4, packet.ACK, 500, 0, 0) + payload
 
 
 def rx_tunnel(kind, sockets, tun_pair):
-    from types import SimpleNamespace
     tx, rx = sockets
     router = Router(endpoint_port=1)
     router.set_tun_address(bytes([10, 9, 0, 2]), None)
@@ -125,7 +120,6 @@ def written(theirs, count):
 
 
 def test_pending_tells_whether_something_is_queued(tun_pair):
-    from udp_encap_tun.device import Pending
     ours, theirs = tun_pair
     pending = Pending(ours.fileno())
     try:
@@ -140,7 +134,6 @@ def test_pending_tells_whether_something_is_queued(tun_pair):
 
 @pytest.mark.parametrize("kind", ["simple", "offload"])
 def test_lone_small_datagram_reaches_the_tun_with_valid_checksums(sockets, tun_pair, kind):
-    from udp_encap_tun import offload, packet
     tunnel = rx_tunnel(kind, sockets, tun_pair)
     tx, rx = sockets
     seg = data_segment(5, b"?")
@@ -172,7 +165,6 @@ def test_small_datagrams_queued_together_are_all_drained(sockets, tun_pair, kind
 
 
 def test_offload_drain_coalesces_full_segments(sockets, tun_pair):
-    from udp_encap_tun import offload
     tunnel = rx_tunnel("offload", sockets, tun_pair)
     tx, rx = sockets
     payload = bytes(range(256)) * 4
@@ -188,10 +180,6 @@ def test_offload_drain_coalesces_full_segments(sockets, tun_pair):
 
 
 def test_tx_drains_small_packets_queued_together(sockets, tun_pair):
-    import ipaddress
-
-    from udp_encap_tun import packet
-    from types import SimpleNamespace
     tx, rx = sockets
     ours, theirs = tun_pair
     router = Router()
