@@ -48,7 +48,7 @@ import sys
 import time
 from pathlib import Path
 
-from uetlab import register_namespace, remove_namespace, wait_for
+from uetlab import json_lines, read_text, register_namespace, remove_namespace, wait_for
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -215,10 +215,7 @@ class BondLab:
     # -- the tunnels ----------------------------------------------------------
     def tunnel_log(self, tun: str) -> str:
         run = self.server_run if tun == SERVER_TUN else self.client_run
-        try:
-            return (run / f"{tun}.log").read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_text(run / f"{tun}.log")
 
     def tunnel_pid(self, tun: str) -> int:
         run = self.server_run if tun == SERVER_TUN else self.client_run
@@ -371,19 +368,10 @@ class Endpoint:
         lab.procs.append(self.proc)
 
     def text(self) -> str:
-        try:
-            return self.out.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        return read_text(self.out)
 
     def lines(self) -> list[dict]:
-        found = []
-        for line in self.text().splitlines():
-            try:
-                found.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-        return found
+        return json_lines(self.text())
 
     def progress(self) -> int:
         """Bytes moved so far (from the progress lines)."""

@@ -44,6 +44,24 @@ _registered_namespaces: set[str] = set()
 
 # --------------------------------------------------------------------------- helpers
 
+def read_text(path: Path) -> str:
+    """A process's output file so far ("" before it exists)."""
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def json_lines(text: str) -> list[dict]:
+    """The lines of *text* that are JSON (anything else, e.g. a traceback, skipped)."""
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass
+    return out
+
 
 def wait_for(predicate, timeout: float, what: str = "condition", interval: float = 0.05):
     """Poll *predicate* until it returns a truthy value (returned) or *timeout* passes."""
@@ -323,18 +341,8 @@ class Transfer:
 
     @staticmethod
     def _lines(path: Path) -> list[dict]:
-        """The JSON lines of an end's output (anything else, e.g. a traceback, skipped)."""
-        out = []
-        try:
-            text = path.read_text(errors="replace")
-        except FileNotFoundError:
-            return out
-        for line in text.splitlines():
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
-        return out
+        """The JSON lines of an end's output."""
+        return json_lines(read_text(path))
 
     def wait(self) -> dict:
         """Wait for both ends; assert a byte-exact transfer; return both results.
