@@ -1,6 +1,7 @@
 import ipaddress
+import logging
 
-from udp_encap_tun.core import Router
+from udp_encap_tun.core import WARN_INTERVAL, Router, Warnings
 
 TUN = bytes([10, 0, 0, 1])
 NET = ipaddress.IPv4Network("10.0.0.0/24")
@@ -71,3 +72,42 @@ def test_journal_log_lines_carry_a_priority_and_no_timestamp():
     fmt = JournalFormatter("%(levelname)s %(message)s")
     record = logging.LogRecord("x", logging.WARNING, __file__, 1, "pool full", None, None)
     assert fmt.format(record) == "<4>WARNING pool full"
+
+
+def test_warnings_are_limited_per_kind_and_peer():
+    w = Warnings(interval=60, burst=3)
+    a, b = ("192.0.2.1", 1), ("192.0.2.2", 1)
+    assert w.allow("silent", a, 100.0)
+    assert not w.allow("silent", a, 159.0)  # the same about the same peer: once a minute
+    assert w.allow("silent", b, 100.0)  # another peer
+    assert w.allow("other", a, 100.0)  # another kind
+    assert w.allow("silent", a, 160.0)
+
+
+def test_warnings_of_one_kind_are_limited_over_all_peers():
+    """Many (spoofed) sources get no more than the burst, then a trickle."""
+    w = Warnings(interval=60, burst=3)
+    allowed = [w.allow("flood", ("198.51.100.%d" % i, 1), 5.0) for i in range(100)]
+    assert sum(allowed) == 3
+    assert w.allow("flood", ("203.0.113.1", 1), 5.0 + 20)  # one more per interval/burst
+    assert w.allow("quiet", ("203.0.113.1", 1), 5.0)  # other kinds are not held back
+
+
+def test_warnings_memory_is_bounded():
+    w = Warnings(interval=60, burst=10**9, size=100)
+    for i in range(1000):
+        w.allow("k", i, float(i))
+    assert len(w.last) <= 100
+
+
+def test_count_rarely_logged_counts_every_event_and_warns_rarely(caplog):
+    caplog.set_level(logging.WARNING)
+    r = Router()
+    peer = ("198.51.100.1", 4000)
+    for i in range(5):
+        r.count_rarely_logged("rx_drop_x", "dropping from %s:%d", *peer, now=1.0 + i, peer=peer)
+    r.count_rarely_logged("rx_drop_x", "dropping from %s:%d", *peer, now=1.0 + WARN_INTERVAL,
+                          peer=peer, amount=3)
+    assert r.counters["rx_drop_x"] == 8
+    assert [m.getMessage() for m in caplog.records] == [
+        "dropping from 198.51.100.1:4000 (1 so far)", "dropping from 198.51.100.1:4000 (8 so far)"]

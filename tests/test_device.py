@@ -10,8 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from udp_encap_tun import offload, packet
+from udp_encap_tun import conn, offload, packet
 from udp_encap_tun.conn import probe_udp_offload
+from udp_encap_tun.errors import OperatorError
 from udp_encap_tun.core import Router
 from udp_encap_tun.device import OffloadTunnel, Pending, Tunnel
 
@@ -49,11 +50,33 @@ def test_batches_leave_as_one_datagram_per_segment(sockets, path):
     assert tunnel.counters["tx_packets"] == 4 and tunnel.counters["tx_bytes"] == 304
 
 
-def test_send_errors_are_counted_not_raised(sockets):
+def test_send_errors_are_counted_not_raised(sockets, caplog):
+    """EMSGSIZE (here: larger than any datagram) is counted under its own name
+    and warned about, naming the destination; other errors are send_error."""
     tx, _ = sockets
     tunnel = Tunnel(Router(endpoint_port=1), None, tx)
     assert tunnel.send_batches([(b"x" * 70000, 70000)], ("127.0.0.1", 9)) == (0, 0)
+    assert tunnel.counters["tx_drop_message_too_long"] == 1
+    assert "tx_drop_send_error" not in tunnel.counters
+    [record] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "70000 bytes to 127.0.0.1:9" in record.getMessage() and "--mtu" in record.getMessage()
+    assert tunnel.send_batches([(b"x", 1)], ("127.0.0.1", 0)) == (0, 0)  # port 0: EINVAL
     assert tunnel.counters["tx_drop_send_error"] == 1
+
+
+def test_udp_socket_sets_df_on_every_datagram():
+    """IP_PMTUDISC_DO: DF on every datagram, batched ones too (the default sets
+    it only on datagrams that fit the route's MTU, never on a UDP_SEGMENT batch)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        assert sock.getsockopt(socket.IPPROTO_IP, conn.IP_MTU_DISCOVER) != conn.IP_PMTUDISC_DO
+        conn.set_path_mtu_discovery(sock)
+        assert sock.getsockopt(socket.IPPROTO_IP, conn.IP_MTU_DISCOVER) == conn.IP_PMTUDISC_DO
+    try:
+        sock = conn.open_udp(0, "lo", "127.0.0.1")
+    except OperatorError as exc:  # SO_BINDTODEVICE needs CAP_NET_RAW
+        pytest.skip(str(exc))
+    with sock:
+        assert sock.getsockopt(socket.IPPROTO_IP, conn.IP_MTU_DISCOVER) == conn.IP_PMTUDISC_DO
 
 
 def test_tx_path_cuts_a_tso_packet_and_counts_per_peer(sockets):

@@ -13,6 +13,8 @@ log = logging.getLogger(__name__)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SOCKET_BUFFER = 8 << 20
+IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)  # ip(7); not in every Python build
+IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
 
 
 def open_udp(port: int, device: str, address: str = "0.0.0.0",
@@ -44,6 +46,7 @@ def open_udp(port: int, device: str, address: str = "0.0.0.0",
                 raise OperatorError(f"cannot bind UDP port {port}: permission denied") from None
             raise OperatorError(f"cannot bind UDP port {port}: {exc.strerror}") from None
         set_buffers(sock, buffer)
+        set_path_mtu_discovery(sock)
     except BaseException:
         sock.close()
         raise
@@ -68,6 +71,17 @@ def probe_udp_offload(sock: socket.socket) -> tuple[bool, bool]:
     except OSError:
         gro = False
     return gso, gro
+
+
+def set_path_mtu_discovery(sock: socket.socket) -> None:
+    """DF on every datagram (IP_PMTUDISC_DO).  The default (IP_PMTUDISC_WANT)
+    sets DF only on a datagram that fits the route's MTU, which a UDP_SEGMENT
+    batch as a whole never does: its segments left without DF and could be
+    fragmented on the way.  With DO the kernel refuses a datagram larger than
+    the known path MTU (EMSGSIZE: counted tx_drop_message_too_long) instead
+    of fragmenting it, and learns the path MTU from ICMP "fragmentation
+    needed" (PROBE would ignore those and keep sending what gets dropped)."""
+    sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
 
 
 def set_buffers(sock: socket.socket, size: int) -> None:

@@ -4,6 +4,7 @@ tests drive it directly with an injected clock."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import socket
@@ -18,6 +19,9 @@ log = logging.getLogger(__name__)
 TX_UNKNOWN_PEER = "unknown_peer"
 RX_NO_TUN_ADDRESS = "no_tun_address"
 KEEPALIVE_FORGET = 86400.0  # stop keeping a server's mapping alive after a day without TCP
+TX_MESSAGE_TOO_LONG = "message_too_long"  # the kernel refused a datagram with EMSGSIZE
+WARN_INTERVAL = 60.0  # seconds: at most one warning per kind and peer this often
+WARN_BURST = 10  # warnings of one kind, all peers together, per WARN_INTERVAL at most
 
 
 class Counters(Counter):
@@ -25,6 +29,37 @@ class Counters(Counter):
 
     def snapshot(self) -> dict:
         return dict(sorted((k, v) for k, v in self.items() if v))
+
+
+class Warnings:
+    """The one rate limit of operator warnings: at most one per (kind, peer)
+    every *interval* seconds, and per kind at most *burst* per interval over
+    all peers together, so that many (spoofed) sources cannot flood the log.
+    Memory is bounded: past *size* remembered (kind, peer) pairs the old ones
+    are forgotten."""
+
+    def __init__(self, interval: float = WARN_INTERVAL, burst: int = WARN_BURST,
+                 size: int = 4096):
+        self.interval, self.burst, self.size = interval, burst, size
+        self.last: dict = {}  # (kind, peer) -> time of its last warning
+        self.kinds: dict[str, auth.TokenBucket] = {}
+
+    def allow(self, kind: str, peer, now: float) -> bool:
+        key = (kind, peer)
+        last = self.last.get(key)
+        if last is not None and now - last < self.interval:
+            return False
+        bucket = self.kinds.get(kind)
+        if bucket is None:
+            bucket = self.kinds[kind] = auth.TokenBucket(self.burst / self.interval, self.burst)
+        if not bucket.take(now):
+            return False
+        if len(self.last) >= self.size:
+            self.last = {k: t for k, t in self.last.items() if now - t < self.interval}
+            if len(self.last) >= self.size:
+                self.last.clear()
+        self.last[key] = now
+        return True
 
 
 class Router:
@@ -54,13 +89,36 @@ class Router:
         self.admission = auth.TokenBucket(admission_rate, max(1.0, admission_rate))
         self.client_auth = auth.ClientAuth(keys) if keys and self.client else None
         self.server_auth = auth.ServerAuth(keys) if keys and not self.client else None
+        self.warnings = Warnings()
 
-    def count_rarely_logged(self, name: str, message: str, *args, amount: int = 1) -> None:
-        """Count an event and log it when its count crosses a power of two."""
-        before = self.counters[name]
-        count = self.counters[name] = before + amount
-        if count.bit_length() > before.bit_length():
-            log.warning(message + " (%d so far)", *args, count)
+    def warn(self, kind: str, peer, now: float, message: str, *args) -> bool:
+        """Log a WARNING about *peer* (None: about no peer in particular) unless
+        one of this kind about it was logged lately (see Warnings)."""
+        if not self.warnings.allow(kind, peer, now):
+            return False
+        log.warning(message, *args)
+        return True
+
+    def count_rarely_logged(self, name: str, message: str, *args, now: float, peer=None,
+                            amount: int = 1) -> None:
+        """Count an event and warn about it, rate-limited per counter and peer."""
+        count = self.counters[name] = self.counters[name] + amount
+        self.warn(name, peer, now, message + " (%d so far)", *args, count)
+
+    def send_failed(self, dest, err: int, size: int, now: float) -> str:
+        """The kernel refused a datagram of *size* bytes to *dest*: the counter
+        suffix it is dropped under (tx_drop_...)."""
+        if err in (errno.EAGAIN, errno.ENOBUFS):
+            self.counters["tx_drop_send_buffer_full"] += 1
+            return "send_buffer_full"
+        if err == errno.EMSGSIZE:
+            self.count_rarely_logged(
+                "tx_drop_" + TX_MESSAGE_TOO_LONG, "a datagram of %d bytes to %s:%d is larger than "
+                "the path MTU (EMSGSIZE): dropped; the tun MTU (--mtu) must not exceed the path "
+                "MTU minus 8", size, *dest, now=now, peer=dest)
+            return TX_MESSAGE_TOO_LONG
+        self.counters["tx_drop_send_error"] += 1
+        return "send_error"
 
     # -- configuration -------------------------------------------------
     def set_tun_address(self, address: bytes | None,
@@ -142,7 +200,7 @@ class Router:
             if not self.admission.take(now):
                 self.count_rarely_logged("rx_drop_admission_rate", "refusing new peer %s:%d: "
                                          "more new peers than --admission-rate allows", *peer,
-                                         amount=count)
+                                         now=now, peer=peer, amount=count)
                 return None
             entry = self._admit(peer, now, count)
             if entry is None:
@@ -153,7 +211,8 @@ class Router:
         entry = self.store.admit(peer, now)
         if isinstance(entry, str):
             self.count_rarely_logged("rx_drop_" + entry, "refusing new peer %s:%d: %s",
-                                     *peer, entry.replace("_", " "), amount=count)
+                                     *peer, entry.replace("_", " "), now=now, peer=peer,
+                                     amount=count)
             return None
         self.counters["peers_added"] += 1
         log.info("new peer %s:%d -> %s", *peer, ipaddress.IPv4Address(entry.address))
@@ -188,7 +247,7 @@ class Router:
             self.counters["auth_" + outcome] += 1
         else:
             self.count_rarely_logged("auth_fail_" + outcome, "authentication with %s:%d: %s",
-                                     *peer, outcome.replace("_", " "))
+                                     *peer, outcome.replace("_", " "), now=now, peer=peer)
         self._send_control(peer, reply)
 
     def hold(self, dest, batches, now: float) -> None:

@@ -4,7 +4,6 @@ packet.py; this file only moves bytes."""
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -185,7 +184,7 @@ class Tunnel:
                 else:
                     self.send_batch(data, size, dest)
             except OSError as exc:
-                self._send_error(exc)
+                self._send_error(exc, dest, min(n, size))
                 continue
             packets += -(-n // size)
             nbytes += n
@@ -285,11 +284,9 @@ class Tunnel:
             entry.rx_packets += packets
             entry.rx_bytes += nbytes
 
-    def _send_error(self, exc: OSError) -> None:
-        reason = "send_buffer_full" if exc.errno in (errno.EAGAIN, errno.ENOBUFS) else "send_error"
-        self.counters["tx_drop_" + reason] += 1
-        if reason == "send_error":
-            log.debug("sendto: %s", exc)
+    def _send_error(self, exc: OSError, dest, size: int) -> None:
+        if self.router.send_failed(dest, exc.errno, size, self.clock()) == "send_error":
+            log.debug("sendto %s:%d: %s", *dest, exc)
 
     def on_udp(self) -> None:
         """RX: datagrams become IPv4 packets written to the tun, one by one."""
