@@ -29,6 +29,11 @@ OPERATOR_ERRORS = {
     # the tun exists by then: it must be removed again
     "MTU the tun refuses": (["--mtu", "1000000"], ["1000000"]),
     "MTU too small": (["--mtu", "10"], []),
+    # a name the kernel would take as a pattern (and make tun0 of): refused, none made
+    "interface name pattern": (["--interface", "tun%d"], ["tun%d"]),
+    "key file is a directory": (["--psk-file", "/"], ["key file /: a directory"]),
+    "server option on a client": (["--endpoint-port", "5000", "--max-peers", "5"],
+                                  ["--max-peers", "client"]),
     # an interface that is there but no tun (the veth itself): refused, and kept
     "interface is not a tun": (["--interface", "{vs}"], ["{vs}"]),
 }
@@ -162,3 +167,15 @@ def test_sigterm_during_transfer(pair: Pair):
         counters = tool.stop()
         assert counters.get("internal_error", 0) == 0
         assert not ns.link_exists(tun)
+
+
+def test_mtu_larger_than_the_link_warns(pair: Pair):
+    """--mtu 9000 on a 1500 veth: it starts (the operator may know better), with one
+    WARNING line at start saying what will happen to the largest datagrams."""
+    server = pair.start_server("--mtu", "9000")
+    warnings = [line for line in server.log().splitlines() if " WARNING " in line]
+    assert len(warnings) == 1, server.log()
+    assert "--mtu 9000" in warnings[0] and f"{pair.vs}'s MTU 1500" in warnings[0]
+    assert "fragmented or dropped" in warnings[0]
+    assert server.alive()
+    server.stop()

@@ -170,6 +170,17 @@ def test_psk_file_errors(tmp_path, content, mode, message):
         auth.load_psk(str(path))
 
 
+def test_psk_file_that_is_a_directory_or_fifo(tmp_path):
+    """Named by mistake: refused as one OperatorError (was IsADirectoryError), and a
+    FIFO does not hang the start."""
+    with pytest.raises(OperatorError, match="a directory"):
+        auth.load_psk(str(tmp_path))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(OperatorError, match="not a regular file"):
+        auth.load_psk(str(fifo))
+
+
 def test_psk_file_ok(tmp_path):
     path = tmp_path / "psk"
     path.write_bytes(KEY + b"\n")

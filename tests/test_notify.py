@@ -241,7 +241,7 @@ def test_unit_verifies(tmp_path):
 
 
 def test_example_config_parses():
-    args = cli.build_parser().parse_args(["--config", str(EXAMPLE)])
+    args = cli.parse_args(["--config", str(EXAMPLE)])  # with the checks of the mode
     assert args.interface == "tun0" and args.listen_port == 5000
     assert args.bind_to_interface and args.tun_address
     assert args.endpoint_port is None  # the example is a server

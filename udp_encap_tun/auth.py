@@ -97,17 +97,20 @@ def _mac(key: bytes, *parts: bytes) -> bytes:
 def load_psk(path: str) -> bytes:
     """Read a key file the way ssh treats private keys: refuse one others can read."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO named by mistake must not hang the start (it is refused below)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise OperatorError(f"key file {path}: no such file") from None
     except PermissionError:
         raise OperatorError(f"key file {path}: permission denied") from None
     except OSError as exc:
         raise OperatorError(f"key file {path}: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):  # before fdopen, which refuses a directory with a traceback
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise OperatorError(f"key file {path}: {kind}")
     with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
-        if not stat.S_ISREG(mode):
-            raise OperatorError(f"key file {path}: not a regular file")
         if mode & 0o077:
             raise OperatorError(f"key file {path} is accessible by others (mode "
                                 f"{stat.S_IMODE(mode):04o}); run: chmod 600 {path}")

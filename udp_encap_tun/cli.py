@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import io
 import ipaddress
 import logging
 import os
 import sys
+from collections import OrderedDict
 
 import configargparse
 
-from .errors import OneLineErrors, OperatorError, positive
+from . import __version__
+from .errors import OneLineErrors, OperatorError, interface_name_problem, positive, report
 from .store import PoolError
 
 log = logging.getLogger("udp_encap_tun")
@@ -17,10 +22,90 @@ log = logging.getLogger("udp_encap_tun")
 PROG = "udp-encap-tun"
 ENV_PREFIX = "UDP_ENCAP_TUN_"
 LINK_OVERHEAD = 8  # the UDP header: a TCP segment in UDP costs 8 bytes more than in IPv4
+MIN_MTU = 68  # IPv4's minimum, and the smallest MTU the kernel lets a tun have
+MAX_MTU = 65535 - LINK_OVERHEAD  # the largest packet whose datagram IPv4 can still carry
+
+# Options that mean something in one mode only, by their dest: given (on the command
+# line, in the environment or in the config file) in the other mode, they are refused.
+MODE_OPTIONS = {
+    "server": ("address_pool", "address_key", "peer_timeout", "max_peers", "admission_rate"),
+    "client": ("keepalive",),
+}
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import version as installed
+        return installed("udp-encap-tun")
+    except Exception:  # run from a source tree that is not installed
+        return __version__
+
+
+class ConfigFile(configargparse.DefaultConfigFileParser):
+    """The config file syntax of configargparse's default parser, line by line, so that
+    a mistake names the file and line: a key that is no option (``listen_port``,
+    ``peer-timout``), a line that is no setting, bytes that are not UTF-8."""
+
+    def __init__(self):
+        super().__init__()
+        self.known: set[str] = set()  # filled in by build_parser
+
+    @staticmethod
+    def open(path: str):
+        return open(path, "rb")
+
+    def parse(self, stream):
+        name = getattr(stream, "name", "config file")
+        items = OrderedDict()
+        for number, raw in enumerate(stream, 1):
+            where = f"{name} line {number}"
+            try:
+                line = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+            except UnicodeDecodeError:
+                raise configargparse.ConfigFileParserException(
+                    f"{where}: not UTF-8 text") from None
+            try:
+                parsed = super().parse(io.StringIO(line))
+            except configargparse.ConfigFileParserException:
+                raise configargparse.ConfigFileParserException(
+                    f"{where}: not a setting (key = value): {line.strip()!r}") from None
+            for key, value in parsed.items():
+                if key not in self.known:
+                    raise configargparse.ConfigFileParserException(
+                        f"{where}: unknown option {key!r}{self._hint(key)}")
+                items[key] = value
+        return items
+
+    def _hint(self, key: str) -> str:
+        names = sorted(k for k in self.known if not k.startswith("-"))
+        guess = key.strip("-").replace("_", "-").lower()
+        if guess in names:
+            return f" (did you mean {guess!r}? option names are spelled with '-')"
+        close = difflib.get_close_matches(guess, names, n=1)
+        return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _remembering(action_class):
+    """*action_class* that also records its dest in ``namespace.given``: an option
+    given on the command line, in the environment or in a config file (configargparse
+    turns the latter two into command-line arguments), not merely defaulted."""
+    class Remembering(action_class):
+        def __call__(self, parser, namespace, values, option_string=None):
+            super().__call__(parser, namespace, values, option_string)
+            namespace.__dict__.setdefault("given", set()).add(self.dest)
+    Remembering.__name__ = action_class.__name__
+    return Remembering
 
 
 class _Parser(OneLineErrors, configargparse.ArgParser):
-    pass
+    def format_help(self):
+        """argparse's help with the environment variable of each option, without
+        configargparse's stock footer (the epilog says it in our words)."""
+        for a in self._actions:
+            env = getattr(a, "env_var", None)
+            if env and a.help and a.help != argparse.SUPPRESS and env not in a.help:
+                a.help += f" [env: {env}]"
+        return argparse.ArgumentParser.format_help(self)
 
 
 def _port(text: str) -> int:
@@ -40,28 +125,67 @@ def _ipv4(text: str) -> str:
 _ipv4.__name__ = "IPv4 address"
 
 
+def _mtu(text: str) -> int:
+    value = int(text)
+    if not MIN_MTU <= value <= MAX_MTU:
+        raise argparse.ArgumentTypeError(
+            f"{value} is out of range: {MIN_MTU} (IPv4's minimum) to {MAX_MTU} (a tun packet "
+            f"travels in a datagram {LINK_OVERHEAD} bytes larger, at most 65535)")
+    return value
+
+
+_mtu.__name__ = "MTU"
+
+
+def _interface(text: str) -> str:
+    problem = interface_name_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"interface name {text!r} {problem}")
+    return text
+
+
+USAGE = """%(prog)s --interface TUN --listen-port PORT --bind-to-interface DEV [options]
+       %(prog)s status [--interface TUN | --config FILE] [--json | --prometheus]"""
+
+EPILOG = ("Every option can also be set in the --config file (one \"option = value\" per line, "
+          "the option's name without --; flags take \"true\") or in the environment (the "
+          "[env: ...] name). The command line beats the environment, which beats the config "
+          "file.")
+
+
 def build_parser() -> configargparse.ArgParser:
+    config_file = ConfigFile()
     p = _Parser(
         prog=PROG,
+        usage=USAGE,
         description="Carry TCP inside UDP through a tun device. With --endpoint-port it is a "
                     "client, without it a server that gives each peer a generated address.",
+        epilog=EPILOG,
         auto_env_var_prefix=ENV_PREFIX,
         args_for_setting_config_path=["--config"],
         config_arg_help_message="config file (key = value lines, option names without --)",
+        config_file_parser_class=config_file,
+        config_file_open_func=ConfigFile.open,
+        add_config_file_help=False,
+        add_env_var_help=False,
     )
-    p.add_argument("--interface", required=True, metavar="TUN",
+    for name in (None, "store", "store_true", "append"):
+        p.register("action", name, _remembering(p._registry_get("action", name)))
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    p.add_argument("--interface", required=True, type=_interface, metavar="TUN",
                    help="tun device to use; created if missing (and then removed on exit)")
     p.add_argument("--listen-port", required=True, type=_port, metavar="PORT",
                    help="local UDP port; all datagrams leave from it")
-    p.add_argument("--bind-to-interface", required=True, metavar="DEV",
+    p.add_argument("--bind-to-interface", required=True, type=_interface, metavar="DEV",
                    help="network interface the UDP socket is bound to (SO_BINDTODEVICE)")
     p.add_argument("--listen-address", default="0.0.0.0", type=_ipv4, metavar="ADDR",
                    help="local IPv4 address of the UDP socket (default: any); set it on a "
                         "server with several addresses so replies leave from the one peers use")
     p.add_argument("--endpoint-port", type=_port, metavar="PORT",
                    help="client mode: send to each packet's IPv4 destination at this UDP port")
-    p.add_argument("--mtu", type=positive(int), metavar="BYTES",
-                   help="tun MTU (default: MTU of --bind-to-interface minus 8)")
+    p.add_argument("--mtu", type=_mtu, metavar="BYTES",
+                   help=f"tun MTU, {MIN_MTU} to {MAX_MTU} (default: MTU of --bind-to-interface "
+                        "minus 8)")
     p.add_argument("--address-pool", metavar="CIDR",
                    help="server: generated peer addresses (default: the tun address's subnet, "
                         "minus network, broadcast and the tun's own address)")
@@ -95,11 +219,42 @@ def build_parser() -> configargparse.ArgParser:
     p.add_argument("--status-public", action="store_true",
                    help="let every local user in the network namespace read the live status "
                         "(default: only root and the tunnel's own user)")
-    p.epilog = ("Live status of a running tunnel (in its network namespace): "
-                "udp-encap-tun status --interface TUN [--json | --prometheus]")
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="default info")
+    config_file.known = {key for a in p._actions
+                         if a.dest not in ("help", "version") and not a.is_config_file_arg
+                         for key in p.get_possible_config_keys(a)}
     return p
+
+
+def parse_args(argv) -> argparse.Namespace:
+    """The options, checked: one that belongs to the other mode is refused."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = vars(args).pop("given", set())
+    mode = "client" if args.endpoint_port is not None else "server"
+    other = "server" if mode == "client" else "client"
+    for dest in MODE_OPTIONS[other]:
+        if dest in given:
+            option = "--" + dest.replace("_", "-")
+            why = "--endpoint-port is set" if mode == "client" else "no --endpoint-port"
+            parser.error(f"{option} is a {other} option; this is a {mode} ({why})")
+    return args
+
+
+def tun_mtu(args, link: int) -> int:
+    """The tun MTU: --mtu, else what fits the link; warns if --mtu does not fit it."""
+    fits = link - LINK_OVERHEAD
+    if args.mtu is None:
+        if fits < MIN_MTU:
+            raise OperatorError(f"{args.bind_to_interface} has MTU {link}: too small to carry "
+                                f"a tun of MTU {MIN_MTU} ({LINK_OVERHEAD} bytes more)")
+        return min(fits, MAX_MTU)
+    if args.mtu > fits:
+        log.warning("--mtu %d is more than %s's MTU %d minus %d: the largest datagrams will "
+                    "be fragmented or dropped", args.mtu, args.bind_to_interface, link,
+                    LINK_OVERHEAD)
+    return args.mtu
 
 
 class JournalFormatter(logging.Formatter):
@@ -135,13 +290,10 @@ def run(args) -> None:
     from .store import AddressPool
     from .tun import Tun, link_mtu
 
-    if args.endpoint_port is None:
-        if args.keepalive:
-            raise OperatorError("--keepalive is for client mode (with --endpoint-port)")
-        if args.address_pool:
-            AddressPool(args.address_pool)  # validate before touching anything
+    if args.endpoint_port is None and args.address_pool:
+        AddressPool(args.address_pool)  # validate before touching anything
     keys = Keys(load_psk(args.psk_file)) if args.psk_file else None
-    mtu = args.mtu or link_mtu(args.bind_to_interface) - LINK_OVERHEAD
+    mtu = tun_mtu(args, link_mtu(args.bind_to_interface))
     sock = open_udp(args.listen_port, args.bind_to_interface, args.listen_address)
     tun = None
     try:
@@ -187,12 +339,12 @@ def main(argv=None) -> int:
     if argv[:1] == ["status"]:  # a query of a running tunnel: none of the daemon's options
         from .status import main as status_main
         return status_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     setup_logging(args.log_level)
     try:
         run(args)
     except (OperatorError, PoolError) as exc:
-        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        report(PROG, str(exc))
         return 2
     except KeyboardInterrupt:
         return 0

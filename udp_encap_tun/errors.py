@@ -2,16 +2,31 @@
 
 import sys
 
+IFNAMSIZ = 16  # the kernel's limit on interface names, with the terminating NUL
+
 
 class OperatorError(Exception):
     pass
+
+
+def one_line(message: str) -> str:
+    """*message* made safe to print as one line: newlines and other control
+    characters (from an environment value, a file name) escaped, and text that
+    is not valid Unicode (undecodable bytes of the environment) shown as escapes."""
+    text = str(message).encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def report(prog: str, message: str) -> None:
+    """Write ``PROG: error: MESSAGE`` as exactly one line on stderr."""
+    sys.stderr.write(f"{prog}: error: {one_line(message)}\n")
 
 
 class OneLineErrors:
     """Mixin for argparse parsers: a usage mistake is one line, not the whole usage."""
 
     def error(self, message):
-        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        report(self.prog, message)
         raise SystemExit(2)
 
 
@@ -24,3 +39,18 @@ def positive(kind):
         return value
     parse.__name__ = f"positive {kind.__name__}"
     return parse
+
+
+def interface_name_problem(name: str) -> str | None:
+    """Why the kernel would refuse *name* as an interface name (or, with a %,
+    make up another one), or None if it is fine."""
+    if not name:
+        return "is empty"
+    if len(name.encode()) >= IFNAMSIZ:
+        return f"is longer than {IFNAMSIZ - 1} bytes"
+    if name in (".", ".."):
+        return "is not a name"
+    for c in name:
+        if c in "/:%" or c.isspace() or not c.isprintable():
+            return f"contains {c!r}" + (" (a pattern; give the name itself)" if c == "%" else "")
+    return None

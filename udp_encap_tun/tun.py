@@ -3,6 +3,7 @@ follow its IPv4 address through netlink, remove it on exit if we created it."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import ipaddress
@@ -13,7 +14,7 @@ import struct
 from pyroute2 import IPRoute
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR
 
-from .errors import OperatorError
+from .errors import OperatorError, interface_name_problem
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,6 @@ IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 
-IFNAMSIZ = 16
 RTPROT_KERNEL = 2
 
 
@@ -34,8 +34,9 @@ class Tun:
     """An open tun device.  ``fd`` is non-blocking."""
 
     def __init__(self, name: str, vnet_hdr: bool = False):
-        if not name or len(name) >= IFNAMSIZ or "/" in name or " " in name:
-            raise OperatorError(f"invalid interface name {name!r}")
+        problem = interface_name_problem(name)
+        if problem:
+            raise OperatorError(f"invalid interface name {name!r}: it {problem}")
         self.name = name
         self.ipr = IPRoute()
         self.created = not self.ipr.link_lookup(ifname=name)
@@ -79,7 +80,8 @@ class Tun:
             return
         spec = {"index": self.index, "address": str(iface.ip), "prefixlen": iface.network.prefixlen}
         try:
-            self.ipr.addr("add", **spec)
+            with quiet_pyroute2():
+                self.ipr.addr("add", **spec)
         except Exception as exc:
             raise OperatorError(f"cannot add address {cidr} to {self.name}: {exc}") from None
         self.added.append(("addr", spec))
@@ -89,7 +91,8 @@ class Tun:
         net = _interface(cidr, "--route").network
         spec = {"dst": str(net.network_address), "dst_len": net.prefixlen, "oif": self.index}
         try:
-            self.ipr.route("add", **spec)
+            with quiet_pyroute2():
+                self.ipr.route("add", **spec)
         except Exception as exc:
             if getattr(exc, "code", None) == errno.EEXIST:
                 log.info("route %s exists already: left as it is", net)
@@ -119,7 +122,8 @@ class Tun:
     def configure(self, mtu: int) -> None:
         """Set the MTU and bring the link up."""
         try:
-            self.ipr.link("set", index=self.index, mtu=mtu, state="up")
+            with quiet_pyroute2():
+                self.ipr.link("set", index=self.index, mtu=mtu, state="up")
         except Exception as exc:  # pyroute2 raises NetlinkError
             raise OperatorError(f"cannot set MTU {mtu} on {self.name}: {exc}") from None
 
@@ -197,6 +201,20 @@ class Tun:
             except Exception as exc:  # pragma: no cover - best effort on exit
                 log.warning("could not remove %s: %s", self.name, exc)
         self.ipr.close()
+
+
+@contextlib.contextmanager
+def quiet_pyroute2():
+    """pyroute2 logs a traceback of its own (ERROR) for a request it cannot
+    encode before raising; around a call whose failure we report ourselves, as
+    one line, its logger is silenced."""
+    logger = logging.getLogger("pyroute2")  # its modules log through children of it
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _interface(cidr: str, option: str) -> ipaddress.IPv4Interface:
