@@ -251,9 +251,9 @@ def tun_mtu(args, link: int) -> int:
                                 f"a tun of MTU {MIN_MTU} ({LINK_OVERHEAD} bytes more)")
         return min(fits, MAX_MTU)
     if args.mtu > fits:
-        log.warning("--mtu %d is more than %s's MTU %d minus %d: the largest datagrams will "
-                    "be fragmented or dropped", args.mtu, args.bind_to_interface, link,
-                    LINK_OVERHEAD)
+        log.warning("--mtu %d is more than %s's MTU %d minus %d: the largest datagrams do "
+                    "not fit and are dropped (DF is set; counted tx_drop_message_too_long)",
+                    args.mtu, args.bind_to_interface, link, LINK_OVERHEAD)
     return args.mtu
 
 
