@@ -176,6 +176,6 @@ def test_mtu_larger_than_the_link_warns(pair: Pair):
     warnings = [line for line in server.log().splitlines() if " WARNING " in line]
     assert len(warnings) == 1, server.log()
     assert "--mtu 9000" in warnings[0] and f"{pair.vs}'s MTU 1500" in warnings[0]
-    assert "dropped" in warnings[0] and "tx_drop_message_too_long" in warnings[0]
+    assert "cut into segments that fit" in warnings[0] and "tx_resegmented" in warnings[0]
     assert server.alive()
     server.stop()

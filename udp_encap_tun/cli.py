@@ -14,16 +14,14 @@ from collections import OrderedDict
 import configargparse
 
 from . import __version__
-from .errors import OneLineErrors, OperatorError, interface_name_problem, positive, report
+from .errors import LinkFault, OneLineErrors, OperatorError, interface_name_problem, positive, report
+from .faults import LINK_OVERHEAD, MAX_MTU, MIN_MTU
 from .store import PoolError
 
 log = logging.getLogger("udp_encap_tun")
 
 PROG = "udp-encap-tun"
 ENV_PREFIX = "UDP_ENCAP_TUN_"
-LINK_OVERHEAD = 8  # the UDP header: a TCP segment in UDP costs 8 bytes more than in IPv4
-MIN_MTU = 68  # IPv4's minimum, and the smallest MTU the kernel lets a tun have
-MAX_MTU = 65535 - LINK_OVERHEAD  # the largest packet whose datagram IPv4 can still carry
 
 # Options that mean something in one mode only, by their dest: given (on the command
 # line, in the environment or in the config file) in the other mode, they are refused.
@@ -185,7 +183,8 @@ def build_parser() -> configargparse.ArgParser:
                    help="client mode: send to each packet's IPv4 destination at this UDP port")
     p.add_argument("--mtu", type=_mtu, metavar="BYTES",
                    help=f"tun MTU, {MIN_MTU} to {MAX_MTU} (default: MTU of --bind-to-interface "
-                        "minus 8)")
+                        "minus 8, following it when it changes; an explicit MTU is lowered "
+                        "when the link shrinks below it)")
     p.add_argument("--address-pool", metavar="CIDR",
                    help="server: generated peer addresses (default: the tun address's subnet, "
                         "minus network, broadcast and the tun's own address)")
@@ -251,9 +250,9 @@ def tun_mtu(args, link: int) -> int:
                                 f"a tun of MTU {MIN_MTU} ({LINK_OVERHEAD} bytes more)")
         return min(fits, MAX_MTU)
     if args.mtu > fits:
-        log.warning("--mtu %d is more than %s's MTU %d minus %d: the largest datagrams do "
-                    "not fit and are dropped (DF is set; counted tx_drop_message_too_long)",
-                    args.mtu, args.bind_to_interface, link, LINK_OVERHEAD)
+        log.warning("--mtu %d is more than %s's MTU %d minus %d: larger TCP packets are cut "
+                    "into segments that fit (counted tx_resegmented); the MSS clamp follows "
+                    "--mtu", args.mtu, args.bind_to_interface, link, LINK_OVERHEAD)
     return args.mtu
 
 
@@ -288,12 +287,14 @@ def run(args) -> None:
     from .notify import Notify
     from .status import StatusServer
     from .store import AddressPool
-    from .tun import Tun, link_mtu
+    from .faults import Links
+    from .tun import Tun, link_info
 
     if args.endpoint_port is None and args.address_pool:
         AddressPool(args.address_pool)  # validate before touching anything
     keys = Keys(load_psk(args.psk_file)) if args.psk_file else None
-    mtu = tun_mtu(args, link_mtu(args.bind_to_interface))
+    bind_index, bind_mtu = link_info(args.bind_to_interface)
+    mtu = tun_mtu(args, bind_mtu)
     sock = open_udp(args.listen_port, args.bind_to_interface, args.listen_address)
     tun = None
     try:
@@ -316,18 +317,22 @@ def run(args) -> None:
         router.set_tun_address(tun.address, tun.network)  # validates a derived pool
         services = [Keepalive(args.keepalive)] if args.keepalive else []
         if not args.no_status:
-            services.append(StatusServer(public=args.status_public, extra={"mtu": mtu}))
+            services.append(StatusServer(public=args.status_public))
         notify = Notify.from_environ()  # None unless $NOTIFY_SOCKET is set
         if notify is not None:
             services.append(notify)
+        links = Links(tun.index, mtu, args.bind_to_interface, bind_index, bind_mtu,
+                      explicit_mtu=args.mtu, clamp=not args.no_clamp_mss)
         if offload:
             gso, gro = probe_udp_offload(sock)
-            tunnel = OffloadTunnel(router, tun, sock, gso, gro, services=services)
+            tunnel = OffloadTunnel(router, tun, sock, gso, gro, services=services, links=links)
         else:
-            tunnel = Tunnel(router, tun, sock, services=services)
+            tunnel = Tunnel(router, tun, sock, services=services, links=links)
         log.info("data path: %s", tunnel.data_path)
-        tunnel.run()
-        tunnel.log_counters()
+        try:
+            tunnel.run()
+        finally:
+            tunnel.log_counters()
     finally:
         if tun is not None:
             tun.close()
@@ -346,6 +351,9 @@ def main(argv=None) -> int:
     except (OperatorError, PoolError) as exc:
         report(PROG, str(exc))
         return 2
+    except LinkFault as exc:
+        report(PROG, str(exc))
+        return 1
     except KeyboardInterrupt:
         return 0
     return 0

@@ -20,6 +20,7 @@ TX_UNKNOWN_PEER = "unknown_peer"
 RX_NO_TUN_ADDRESS = "no_tun_address"
 KEEPALIVE_FORGET = 86400.0  # stop keeping a server's mapping alive after a day without TCP
 TX_MESSAGE_TOO_LONG = "message_too_long"  # the kernel refused a datagram with EMSGSIZE
+TX_NO_INTERFACE = "no_interface"  # the bound interface is gone (ENODEV)
 WARN_INTERVAL = 60.0  # seconds: at most one warning per kind and peer this often
 WARN_BURST = 10  # warnings of one kind, all peers together, per WARN_INTERVAL at most
 
@@ -117,6 +118,9 @@ class Router:
                 "the path MTU (EMSGSIZE): dropped; the tun MTU (--mtu) must not exceed the path "
                 "MTU minus 8", size, *dest, now=now, peer=dest)
             return TX_MESSAGE_TOO_LONG
+        if err == errno.ENODEV:  # logged once by the loop when the link went away
+            self.counters["tx_drop_" + TX_NO_INTERFACE] += 1
+            return TX_NO_INTERFACE
         self.counters["tx_drop_send_error"] += 1
         return "send_error"
 

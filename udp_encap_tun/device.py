@@ -1,9 +1,11 @@
-"""The I/O loop: an epoll over the tun, the UDP socket, the netlink address
-monitor and a signal wake-up pipe.  Packet decisions live in core.Router and
-packet.py; this file only moves bytes."""
+"""The I/O loop: an epoll over the tun, the UDP socket, the netlink monitor
+(addresses and links) and a signal wake-up pipe.  Packet decisions live in
+core.Router and packet.py, link faults in faults.Links; this file only moves
+bytes and makes the system calls they ask for."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -18,6 +20,8 @@ from . import packet as pk
 from .auth import is_control
 from .conn import SOL_UDP, UDP_GRO, UDP_SEGMENT
 from .core import Router
+from .errors import LinkFault
+from .faults import Links, ReadErrors
 from .store import PoolError
 
 log = logging.getLogger(__name__)
@@ -29,6 +33,8 @@ BATCH = 64  # packets handled per fd before looking at the others again
 SMALL = 512
 HOUSEKEEPING = 1.0  # seconds between store expiry runs
 BUFSIZE = 65536
+# read/write errors of a tun that was deleted under us (its fd is detached for good)
+TUN_GONE = frozenset({errno.EBADFD})
 
 
 class Pending:
@@ -73,8 +79,14 @@ class Tunnel:
     rx_size = BUFSIZE  # the RX buffer's room for received datagrams
 
     def __init__(self, router: Router, tun, sock: socket.socket, clock=time.monotonic,
-                 services=()):
+                 services=(), links: Links | None = None):
         self.router = router
+        self.links = links  # following the tun and the bound interface (None: not)
+        # the largest wire segment the bound interface carries: TX packets cut to fit
+        self.max_segment = (links and links.max_segment) or BUFSIZE
+        self.failure: str | None = None  # why the loop ended, if it must end the daemon
+        self.poller = None
+        self.tun_errors, self.udp_errors = ReadErrors(), ReadErrors()
         self.services = list(services)
         self.counters = router.counters
         self.tun = tun
@@ -103,7 +115,7 @@ class Tunnel:
     def run(self) -> None:
         # A bare epoll and a dict of callbacks: selectors costs a few microseconds
         # per wake-up, which one-packet wake-ups (request/response) feel.
-        poller = select.epoll()
+        poller = self.poller = select.epoll()
         callbacks = {}
         rpipe, wpipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_wakeup = signal.set_wakeup_fd(wpipe)
@@ -111,6 +123,8 @@ class Tunnel:
                     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)}
         monitor = self.tun.start_monitor()
         self._address_changed()
+        if self.links is not None:  # what changed before the monitor listened
+            self.apply_links(self.links.resync(self.tun.link_snapshot(self._link_names())))
         self.sock.setblocking(False)
         watched = [(self.tun.fd, self.on_tun), (self.sock.fileno(), self.on_udp),
                    (monitor.fileno(), self.on_netlink), (rpipe, lambda: self.on_signal(rpipe))]
@@ -154,6 +168,14 @@ class Tunnel:
                 signal.signal(s, h)
             os.close(rpipe)
             os.close(wpipe)
+        if self.failure is not None:
+            raise LinkFault(self.failure)
+
+    def fail(self, message: str) -> None:
+        """End the loop; the daemon exits non-zero with *message*."""
+        if self.failure is None:
+            self.failure = message
+        self.running = False
 
     def housekeeping(self, now: float) -> None:
         store = self.router.store
@@ -163,6 +185,9 @@ class Tunnel:
             if store.expired != before:
                 self.counters["peers_expired"] += store.expired - before
         self.router.tick(now)
+        for errors, fd in ((self.tun_errors, self.tun.fd), (self.udp_errors, self.sock.fileno())):
+            if errors.tick() and self.poller is not None:
+                self.poller.register(fd, select.EPOLLIN)
         for service in self.services:
             service.tick(self, now)
 
@@ -184,13 +209,45 @@ class Tunnel:
                 else:
                     self.send_batch(data, size, dest)
             except OSError as exc:
-                self._send_error(exc, dest, min(n, size))
+                if exc.errno == errno.EMSGSIZE and self._shrunk(min(n, size)):
+                    # the bound link's MTU fell and we just learnt it: cut smaller
+                    sent = self._send_recut(data, size, dest)
+                    packets += sent[0]
+                    nbytes += sent[1]
+                else:
+                    self._send_error(exc, dest, min(n, size))
                 continue
             packets += -(-n // size)
             nbytes += n
         self.counters["tx_packets"] += packets
         self.counters["tx_bytes"] += nbytes
         return packets, nbytes
+
+    def _send_recut(self, data, size: int, dest) -> tuple[int, int]:
+        """A batch the kernel refused as too long, cut to the bound link's new MTU."""
+        self.counters["tx_resegmented"] += 1
+        packets = nbytes = 0
+        for part, part_size in ol.recut(data, size, self.max_segment):
+            n = len(part)
+            try:
+                if n <= part_size:
+                    self.sock.sendto(part, dest)
+                else:
+                    self.send_batch(part, part_size, dest)
+            except OSError as exc:
+                self._send_error(exc, dest, min(n, part_size))
+                continue
+            packets += -(-n // part_size)
+            nbytes += n
+        return packets, nbytes
+
+    def _shrunk(self, size: int) -> bool:
+        """After EMSGSIZE: read the pending link events; True if the largest
+        wire segment that fits is now below *size*."""
+        if self.links is None:
+            return False
+        self.on_netlink()
+        return self.max_segment < size
 
     def send_batch(self, data, size: int, dest) -> None:
         """Several segments: one datagram each."""
@@ -213,9 +270,80 @@ class Tunnel:
     def log_counters(self) -> None:
         log.info("counters %s", json.dumps(self.counters.snapshot(), sort_keys=True))
 
+    def _link_names(self) -> tuple:
+        return (self.links.bind_name,) if self.links is not None else ()
+
     def on_netlink(self) -> None:
-        if self.tun.drain_monitor():
+        address, events = self.tun.drain_monitor(self._link_names())
+        if address:
             self._address_changed()
+        if self.links is not None:
+            if events is None:  # some were lost: look the links up
+                changes = self.links.resync(self.tun.link_snapshot(self._link_names()))
+            else:
+                changes = self.links.update(events)
+            if changes:
+                self.apply_links(changes)
+
+    def apply_links(self, ch) -> None:
+        """Carry out what faults.Links decided about link events."""
+        links = self.links
+        if ch.tun_gone:
+            self.fail(f"tun {self.tun.name} was deleted: exiting")
+            return
+        if ch.rebind is not None:
+            self.rebind()
+        elif ch.bind_gone:
+            log.warning("bound interface %s is gone: datagrams are dropped (tx_drop_no_interface) "
+                        "until an interface of that name is back", links.bind_name)
+        if ch.set_tun_mtu is not None:
+            old = links.tun_mtu
+            try:
+                self.tun.set_mtu(ch.set_tun_mtu)
+                links.tun_mtu_set(ch.set_tun_mtu)
+            except Exception as exc:  # NetlinkError
+                log.warning("cannot set MTU %d on %s: %s", ch.set_tun_mtu, self.tun.name, exc)
+            else:
+                log.info("bound interface %s MTU %d: tun %s MTU %d (was %d)%s", links.bind_name,
+                         links.bind_mtu, self.tun.name, links.tun_mtu, old,
+                         f", MSS clamp {links.mss}" if links.clamp else "")
+        if ch.set_tun_mtu is not None or ch.mss_changed:
+            self.router.mss = links.mss
+        if ch.bind_mtu_changed:
+            self.max_segment = links.max_segment or BUFSIZE
+
+    def rebind(self) -> None:
+        """An interface of the bound name is back (at a new index): bind the
+        socket to it again."""
+        name = self.links.bind_name
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, name.encode())
+        except OSError as exc:  # EPERM without CAP_NET_RAW; ENODEV if gone again
+            self.links.bind_index = None  # still missing; the next event of it retries
+            log.error("cannot bind the UDP socket to %s again: %s", name, exc.strerror)
+            return
+        log.info("bound interface %s is back (index %d): UDP socket bound to it again",
+                 name, self.links.bind_index)
+
+    def _tun_failed(self, exc: OSError) -> bool:
+        """A tun read or write failed; True if the tun is gone (the loop ends)."""
+        if exc.errno in TUN_GONE:
+            log.debug("tun %s: %s", self.tun.name, exc.strerror)
+            self.fail(f"tun {self.tun.name} was deleted: exiting")
+            return True
+        return False
+
+    def _read_failed(self, errors: ReadErrors, fd: int, what: str) -> bool:
+        """A read of *fd* failed (already counted): one that keeps failing is
+        taken out of the epoll set until the next tick instead of spinning.
+        True if it was."""
+        if not errors.failed():
+            return False
+        if self.poller is not None:
+            self.poller.unregister(fd)
+        self.router.count_rarely_logged("read_paused", "%s: reads keep failing: not read "
+                                        "until the next second", what, now=self.clock())
+        return True
 
     def on_tun(self) -> None:
         """TX: packets from the tun become UDP datagrams."""
@@ -233,8 +361,10 @@ class Tunnel:
             except BlockingIOError:
                 return
             except OSError as exc:
-                counters["tx_read_error"] += 1
-                log.debug("tun read: %s", exc)
+                if not self._tun_failed(exc):
+                    counters["tx_read_error"] += 1
+                    log.debug("tun read: %s", exc)
+                    self._read_failed(self.tun_errors, fd, "tun " + self.tun.name)
                 return
             more = n >= SMALL or pending()
             pkt = view[hlen:n]
@@ -262,7 +392,20 @@ class Tunnel:
 
     def wire_segments(self, pkt, total: int):
         """The TCP segments of a TX packet as [(buffer, segment size)] (see send_batches)."""
+        if total - 20 > self.max_segment:
+            return self.cut_to_fit(pkt, total, total)
         return ((pkt[20:total], total - 20),)
+
+    def cut_to_fit(self, pkt, total: int, payload: int):
+        """A TX packet whose segments (of *payload* bytes of TCP payload at
+        most) do not fit in one datagram on the bound link (its MTU fell):
+        cut into segments that fit, or None (counted) if none can."""
+        size = self.max_segment - ((pkt[32] >> 4) << 2)
+        if size <= 0:
+            self.counters["tx_drop_message_too_long"] += 1
+            return None
+        self.counters["tx_resegmented"] += 1
+        return ol.tso_split(pkt[:total], min(size, payload))
 
     def not_tcp(self, datagram, reason: str, peer, now: float) -> None:
         """A datagram that is no TCP segment: keepalive, control message or junk."""
@@ -302,6 +445,8 @@ class Tunnel:
             except OSError as exc:  # e.g. ICMP errors queued on the socket
                 counters["rx_recv_error"] += 1
                 log.debug("recvfrom: %s", exc)
+                if self._read_failed(self.udp_errors, self.sock.fileno(), "UDP socket"):
+                    return
                 continue
             deliver(n, peer, now)
             if n < SMALL and not pending():
@@ -328,6 +473,7 @@ class Tunnel:
         except OSError as exc:
             self.counters["rx_drop_write_error"] += 1
             log.debug("tun write: %s", exc)
+            self._tun_failed(exc)
             return
         self._count_received(entry, 1, n)
 
@@ -349,8 +495,8 @@ class OffloadTunnel(Tunnel):
     rx_size = RX_AREA
 
     def __init__(self, router: Router, tun, sock: socket.socket, gso: bool, gro: bool,
-                 clock=time.monotonic, services=()):
-        super().__init__(router, tun, sock, clock, services)
+                 clock=time.monotonic, services=(), links: Links | None = None):
+        super().__init__(router, tun, sock, clock, services, links)
         self.gso = gso
         self.gro = gro
         self.data_path = "offload (TUN TSO and checksum; UDP GSO %s, GRO %s)" % (
@@ -360,9 +506,11 @@ class OffloadTunnel(Tunnel):
 
     def wire_segments(self, pkt, total: int):
         if self.txbuf[1] == ol.GSO_NONE:  # the vnet header's gso_type: a plain packet
-            return ((pkt[20:total], total - 20),)
+            return super().wire_segments(pkt, total)
         gso_type, gso_size = self._unpack_vnet(self.txbuf, 0)[1:4:2]
         if gso_type & ~ol.GSO_ECN == ol.GSO_TCPV4 and gso_size:
+            if ((pkt[32] >> 4) << 2) + gso_size > self.max_segment:
+                return self.cut_to_fit(pkt, total, gso_size)
             return ol.tso_split(pkt[:total], gso_size)
         self.counters["tx_drop_unsupported_gso"] += 1
         return None
@@ -394,6 +542,8 @@ class OffloadTunnel(Tunnel):
             except OSError as exc:
                 counters["rx_recv_error"] += 1
                 log.debug("recvmsg: %s", exc)
+                if self._read_failed(self.udp_errors, self.sock.fileno(), "UDP socket"):
+                    break
                 continue
             more = n >= SMALL or pending()
             seg_size = 0
@@ -434,4 +584,6 @@ class OffloadTunnel(Tunnel):
                     npackets -= lost
                     nbytes -= lost_bytes
                     log.debug("tun write: %s", exc)
+                    if self._tun_failed(exc):
+                        break
             self._count_received(entry, npackets, nbytes)

@@ -1,4 +1,5 @@
-"""Errors that are the operator's to fix: reported as one line, exit status 2."""
+"""Errors that end the daemon with one line: the operator's to fix (exit status
+2), or a fault of the host under a running tunnel (exit status 1)."""
 
 import sys
 
@@ -20,6 +21,9 @@ def one_line(message: str) -> str:
 def report(prog: str, message: str) -> None:
     """Write ``PROG: error: MESSAGE`` as exactly one line on stderr."""
     sys.stderr.write(f"{prog}: error: {one_line(message)}\n")
+class LinkFault(Exception):
+    """Something the running tunnel needs was taken away (the tun was deleted):
+    exit 1, so that a service manager starts it again (Restart=on-failure)."""
 
 
 class OneLineErrors:

@@ -153,6 +153,26 @@ def tso_split(packet, gso_size: int, max_segments: int = UDP_MAX_SEGMENTS,
     return batches
 
 
+def recut(data, size: int, max_size: int) -> list[tuple[object, int]]:
+    """The wire segments of one batch (*data*: segments of *size* bytes, the
+    last one shorter or equal) cut again so that none exceeds *max_size* bytes,
+    as batches for send_batches.  A segment that fits is kept as it is; one that
+    does not becomes pieces of ``max_size - its TCP header`` payload bytes each,
+    sequence numbers and flags as tso_split sets them."""
+    mv = data if type(data) is memoryview else memoryview(data)
+    out = []
+    for off in range(0, len(mv), size):
+        seg = mv[off:off + size]
+        n = len(seg)
+        if n <= max_size:
+            out.append((seg, n))
+            continue
+        pkt = bytearray(IPV4_HEADER_LEN) + seg  # tso_split cuts IPv4 packets
+        pkt[2:4] = len(pkt).to_bytes(2, "big")
+        out.extend(tso_split(pkt, max_size - ((seg[12] >> 4) << 2)))
+    return out
+
+
 # --------------------------------------------------------------------------- RX
 
 

@@ -113,6 +113,10 @@ def describe_head(tunnel, now: float, wall: float, started: float | None = None,
         "started": round(started, 3) if started is not None else None,
         "uptime": round(wall - started, 1) if started is not None else None,
     }
+    links = getattr(tunnel, "links", None)
+    if links is not None:  # followed by the loop (the socket's own binding is lost with the link)
+        doc.update(bind_interface=links.bind_name, bind_interface_present=links.bind_present,
+                   link_mtu=links.bind_mtu, mtu=links.tun_mtu)
     doc.update(extra or {})
     if router.client:
         doc["servers"] = [  # router.remotes is bounded (4096)
@@ -387,6 +391,10 @@ def render_text(doc: dict) -> str:
     udp = f"{doc.get('listen_address') or '0.0.0.0'}:{doc.get('listen_port')}"
     if doc.get("bind_interface"):
         udp += f" on {doc['bind_interface']}"
+        if doc.get("bind_interface_present") is False:
+            udp += " (MISSING: datagrams are dropped until an interface of that name is back)"
+        elif doc.get("link_mtu"):
+            udp += f" (MTU {doc['link_mtu']})"
     if doc.get("endpoint_port") is not None:
         udp += f", sends to each destination's UDP port {doc['endpoint_port']}"
     facts = [("UDP socket", udp)]
@@ -521,6 +529,11 @@ def render_prometheus(doc: dict, per_peer: bool = False) -> str:
            "data_path": "offload" if offload.get("tun") else "simple",
            "gso": str(bool(offload.get("gso"))).lower(),
            "gro": str(bool(offload.get("gro"))).lower()}, 1)
+    if doc.get("bind_interface_present") is not None:
+        m.add(p + "bind_interface_present", "gauge", "1 while the interface the UDP socket is "
+              "bound to exists, 0 while it is missing.", iface, int(doc["bind_interface_present"]))
+    if doc.get("mtu"):
+        m.add(p + "tun_mtu", "gauge", "The tun's MTU.", iface, doc["mtu"])
     if doc.get("started") is not None:
         m.add(p + "start_time_seconds", "gauge", "When the tunnel started, in seconds since "
               "the epoch.", iface, doc["started"])

@@ -1,5 +1,6 @@
 """The tun device (I/O edge): open or create it, configure it with pyroute2,
-follow its IPv4 address through netlink, remove it on exit if we created it."""
+follow its IPv4 address and the links (tun and bound interface) through
+netlink, remove it on exit if we created it."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ import fcntl
 import ipaddress
 import logging
 import os
+import socket
 import struct
 
 from pyroute2 import IPRoute
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK
+from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from .errors import OperatorError, interface_name_problem
+from .faults import LinkEvent
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,7 @@ IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 
+MONITOR_BUFFER = 1 << 20
 RTPROT_KERNEL = 2
 
 
@@ -68,7 +74,8 @@ class Tun:
             self._disable_ipv6()
         self.address: bytes | None = None  # the tun's own IPv4 address, 4 bytes
         self.network: ipaddress.IPv4Network | None = None
-        self.monitor: IPRoute | None = None
+        self.monitor: socket.socket | None = None
+        self.marshal = MarshalRtnl()
         self.added: list[tuple[str, dict]] = []  # what we configured, undone on close
 
     def add_address(self, cidr: str) -> None:
@@ -127,17 +134,70 @@ class Tun:
         except Exception as exc:  # pyroute2 raises NetlinkError
             raise OperatorError(f"cannot set MTU {mtu} on {self.name}: {exc}") from None
 
-    def start_monitor(self) -> IPRoute:
-        """A netlink socket that becomes readable when IPv4 addresses change."""
-        self.monitor = IPRoute()
-        self.monitor.bind(groups=RTMGRP_IPV4_IFADDR)
+    def set_mtu(self, mtu: int) -> None:
+        """Change the MTU of the running tun (the loop follows the bound link)."""
+        self.ipr.link("set", index=self.index, mtu=mtu)
+
+    def start_monitor(self) -> socket.socket:
+        """A netlink socket that becomes readable when IPv4 addresses or links
+        change.  A plain non-blocking socket, read to EAGAIN, with pyroute2's
+        parser: an IPRoute reads every queued datagram into a queue of its own
+        and hands out one per call, so epoll would miss what it holds."""
+        self.monitor = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
+                                     | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
+        try:
+            self.monitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MONITOR_BUFFER)
+        except OSError:
+            pass
+        self.monitor.bind((0, RTMGRP_IPV4_IFADDR | RTMGRP_LINK))
         self.refresh_address()
         return self.monitor
 
-    def drain_monitor(self) -> bool:
-        """Read pending address events; True if the tun's address changed."""
-        relevant = any(m.get("index") == self.index for m in self.monitor.get())
-        return relevant and self.refresh_address()
+    def _monitor_messages(self):
+        """The parsed messages queued on the monitor (OSError: ENOBUFS, some were lost)."""
+        while True:
+            try:
+                data = self.monitor.recv(MONITOR_BUFFER)
+            except BlockingIOError:
+                return
+            yield from self.marshal.parse(data)
+
+    def drain_monitor(self, names=()) -> tuple[bool, list[LinkEvent] | None]:
+        """Read pending events: (whether the tun's address changed, the link
+        events of the tun and of the interfaces named *names*, in order).  The
+        link events are None when some were lost (the monitor's buffer
+        overflowed): then the caller must look the links up (link_snapshot)."""
+        address, links = False, []
+        try:
+            messages = list(self._monitor_messages())
+        except OSError as exc:  # ENOBUFS: events were lost
+            log.warning("netlink monitor: %s: looking the links up again", exc.strerror)
+            return self.refresh_address(), None
+        for m in messages:
+            event = m.get("event")
+            if event in ("RTM_NEWLINK", "RTM_DELLINK"):
+                name = m.get_attr("IFLA_IFNAME")
+                if m["index"] == self.index or name in names:
+                    links.append(LinkEvent(event == "RTM_DELLINK", m["index"], name,
+                                           m.get_attr("IFLA_MTU")))
+            elif m.get("index") == self.index:
+                address = True
+        return address and self.refresh_address(), links
+
+    def link_snapshot(self, names=()) -> list[LinkEvent]:
+        """The tun and the interfaces named *names* as they are now, as link
+        events (a deleted one for the tun if it is gone)."""
+        events = []
+        for name in names:
+            for link in self.ipr.get_links(ifname=name) if self.ipr.link_lookup(ifname=name) else ():
+                events.append(LinkEvent(False, link["index"], name, link.get_attr("IFLA_MTU")))
+        try:
+            tun = self.ipr.get_links(self.index)[0]
+            events.append(LinkEvent(False, self.index, tun.get_attr("IFLA_IFNAME"),
+                                    tun.get_attr("IFLA_MTU")))
+        except NetlinkError:  # ENODEV: the tun is gone
+            events.append(LinkEvent(True, self.index, self.name))
+        return events
 
     def refresh_address(self) -> bool:
         addrs = self.ipr.get_addr(index=self.index, family=2)
@@ -224,9 +284,10 @@ def _interface(cidr: str, option: str) -> ipaddress.IPv4Interface:
         raise OperatorError(f"{option} {cidr!r} is not an IPv4 address/prefix") from None
 
 
-def link_mtu(ifname: str) -> int:
+def link_info(ifname: str) -> tuple[int, int]:
+    """(index, MTU) of the interface *ifname*."""
     with IPRoute() as ipr:
         links = ipr.get_links(ifname=ifname) if ipr.link_lookup(ifname=ifname) else []
         if not links:
             raise OperatorError(f"no such interface: {ifname}")
-        return links[0].get_attr("IFLA_MTU")
+        return links[0]["index"], links[0].get_attr("IFLA_MTU")
