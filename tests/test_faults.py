@@ -313,3 +313,27 @@ def test_a_tun_read_failing_again_and_again_is_paused_not_spun(monkeypatch):
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_status_follows_the_links():
+    """The status document and its renderings: the bound interface missing, the
+    current link and tun MTU and the MSS clamp that follows it."""
+    from udp_encap_tun import status
+
+    tun = FakeTun([LinkEvent(True, ETH, "eth0")])
+    tun.address = tun.network = None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        t = make_tunnel("simple", sock, tun, links())
+        t.on_netlink()
+        doc = status.describe(t, 100.0, 1_700_000_000.0)
+        assert (doc["bind_interface"], doc["bind_interface_present"]) == ("eth0", False)
+        assert "on eth0 (MISSING" in status.render_text(doc)
+        assert "udp_encap_tun_bind_interface_present{interface=\"tun0\"} 0" in \
+            status.render_prometheus(doc)
+        tun.events = [LinkEvent(False, 9, "eth0", 1400)]
+        t.on_netlink()
+        doc = status.describe(t, 100.0, 1_700_000_000.0)
+        assert doc["bind_interface_present"] and (doc["link_mtu"], doc["mtu"], doc["mss_clamp"]) \
+            == (1400, 1392, 1352)
+        text = status.render_text(doc)
+        assert "on eth0 (MTU 1400)" in text and "MTU 1392, MSS clamp 1352" in text

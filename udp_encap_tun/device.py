@@ -506,7 +506,9 @@ class OffloadTunnel(Tunnel):
 
     def wire_segments(self, pkt, total: int):
         if self.txbuf[1] == ol.GSO_NONE:  # the vnet header's gso_type: a plain packet
-            return super().wire_segments(pkt, total)
+            if total - 20 > self.max_segment:
+                return self.cut_to_fit(pkt, total, total)
+            return ((pkt[20:total], total - 20),)
         gso_type, gso_size = self._unpack_vnet(self.txbuf, 0)[1:4:2]
         if gso_type & ~ol.GSO_ECN == ol.GSO_TCPV4 and gso_size:
             if ((pkt[32] >> 4) << 2) + gso_size > self.max_segment:
