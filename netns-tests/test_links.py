@@ -45,6 +45,39 @@ def test_tun_deleted_ends_the_daemon_with_one_line(tunnel: Pair):
     assert tunnel.client.alive()  # the other end is unharmed
 
 
+def test_persistent_tun_with_our_address_and_route_deleted(pair: Pair):
+    """A tun made beforehand, given --tun-address and --route by the tool, then
+    deleted: the same one line and exit 1, no traceback from undoing what the
+    tool added to a tun that is no longer there."""
+    pair.s.run("ip", "tuntap", "add", "dev", pair.stun, "mode", "tun")
+    server = pair.lab.tool(pair.s, "--interface", pair.stun, "--listen-port", Pair.PORT,
+                           "--bind-to-interface", pair.vs, "--tun-address", "10.9.0.1/24",
+                           "--route", "10.77.0.0/16")
+    delete_link(pair.s, pair.stun)
+    assert server.wait_exit(30) == 1, server.log()
+    errors = [line for line in server.log().splitlines() if "error" in line.lower()]
+    assert errors == [f"udp-encap-tun: error: tun {pair.stun} was deleted: exiting"], server.log()
+    assert "Traceback" not in server.log()
+
+
+def test_explicit_mtu_above_the_link_is_cut_to_fit(pair: Pair):
+    """Both tunnels with --mtu 1492 on a veth of MTU 1400: TCP sends packets of
+    up to 1492 bytes into the tun, each is cut into segments that fit one
+    datagram (tx_resegmented, nothing dropped as too long) and transfers each
+    way arrive byte-exact."""
+    for ns, vif in ((pair.c, pair.vc), (pair.s, pair.vs)):
+        set_mtu(ns, vif, 1400)
+    pair.start_server("--mtu", 1492)
+    pair.start_client("--mtu", 1492)
+    assert link_info(pair.c, pair.ctun)["mtu"] == 1492
+    pair.transfer(7001, "upload", 4 * MB)
+    pair.transfer(7002, "download", 4 * MB)
+    for tool in (pair.client, pair.server):
+        final = tool.stop()
+        assert final.get("tx_resegmented", 0) > 0, final
+        assert final.get("tx_drop_message_too_long", 0) == 0, final
+
+
 def test_bound_interface_deleted_and_recreated(tunnel: Pair):
     """The veth both tunnels are bound to is deleted: status says the interface
     is missing and TCP into the tunnel is counted as dropped (no_interface).
