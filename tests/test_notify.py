@@ -180,6 +180,16 @@ def test_service_without_watchdog_and_client_status(listener):
     assert msgs[-1][0] == "STOPPING=1"
 
 
+def test_status_line_names_a_missing_bound_interface():
+    from udp_encap_tun.faults import Links
+
+    tunnel = fake_tunnel()
+    tunnel.links = Links(7, 1492, "ppp0", None, 1500)
+    assert notify.status_line(tunnel).startswith("server on tun0: ppp0 MISSING: nothing sent, ")
+    tunnel.links.bind_index = 9
+    assert "MISSING" not in notify.status_line(tunnel)
+
+
 def test_status_line_without_pool():
     tunnel = fake_tunnel()
     tunnel.router.set_tun_address(None, None)

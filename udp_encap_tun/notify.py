@@ -122,6 +122,9 @@ def status_line(tunnel) -> str:
                f"rx {format_bytes(counters.get('rx_bytes', 0))}")
     drops = sum(v for k, v in counters.items() if "_drop_" in k)
     parts = []
+    links = getattr(tunnel, "links", None)
+    if links is not None and not links.bind_present:
+        parts.append(f"{links.bind_name} MISSING: nothing sent")
     if router.client:
         where += f" to UDP port {router.endpoint_port}"
         parts.append(f"{len(router.remotes)} servers")
