@@ -241,7 +241,7 @@ def test_unit_essentials():
 def test_unit_verifies(tmp_path):
     """systemd-analyze verify accepts every directive (ExecStart pointed at this Python,
     since the console script need not be installed where the unit expects it)."""
-    text = UNIT.read_text().replace("/usr/local/bin/udp-encap-tun", f"{sys.executable} -m udp_encap_tun")
+    text = UNIT.read_text().replace("/opt/udp-encap-tun/bin/udp-encap-tun", f"{sys.executable} -m udp_encap_tun")
     (tmp_path / "udp-encap-tun@.service").write_text(text)
     r = subprocess.run(["systemd-analyze", "verify", "udp-encap-tun@example.service"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=60)
