@@ -65,10 +65,11 @@ def test_tcp_arrives_at_the_tun_address(tunnel: Pair, bind):
         assert connect_error(tunnel.c, Pair.SERVER_IP, 7101) == errno.ECONNREFUSED
 
 
-def test_socks5_proxy_under_mptcpize_reaches_the_internet(tunnel: Pair, tmp_path):
-    """The recipe: `mptcpize run microsocks` on the server; the client (MPTCP too,
-    `mptcpize run curl`) fetches from a host only the server can reach, byte-exact,
-    and the proxy's side of the connection is MPTCP."""
+@pytest.mark.parametrize("bind", ["any", "tun"])
+def test_socks5_proxy_under_mptcpize_reaches_the_internet(tunnel: Pair, tmp_path, bind):
+    """The recipe: `mptcpize run microsocks` on the server, listening on 0.0.0.0 or the
+    tun address; the client (MPTCP too, `mptcpize run curl`) fetches from a host only
+    the server can reach, byte-exact, and the proxy's side of the connection is MPTCP."""
     missing = [t for t in ("microsocks", "mptcpize", "curl", "nstat") if not shutil.which(t)]
     if missing:
         pytest.skip(f"not installed: {', '.join(missing)} (scripts/test installs them)")
@@ -82,7 +83,8 @@ def test_socks5_proxy_under_mptcpize_reaches_the_internet(tunnel: Pair, tmp_path
     (www / "blob").write_bytes(blob)
     lab.popen(i, ["python3", "-m", "http.server", "--bind", INTERNET_I, "--directory", www,
                   HTTP_PORT], tmp_path / "http.log")
-    lab.popen(s, ["mptcpize", "run", "microsocks", "-i", "0.0.0.0", "-p", PROXY_PORT],
+    listen = {"any": "0.0.0.0", "tun": Pair.SERVER_TUN_IP}[bind]
+    lab.popen(s, ["mptcpize", "run", "microsocks", "-i", listen, "-p", PROXY_PORT],
               tmp_path / "proxy.log")
     wait_for(listening(i, HTTP_PORT), 20, what="the HTTP server in I")
     wait_for(listening(s, PROXY_PORT), 20, what="microsocks in S")

@@ -1,6 +1,8 @@
 """scripts/install, run into a temporary root (--root): the venv, the unit pointing
 into it, the example config; idempotent; --uninstall takes back exactly its own.
-No root needed; it does pip install the project (and its dependencies) into a venv."""
+It needs no root and no namespace, but it is here and not in tests/ because it pip-installs
+the project and its dependencies into fresh venvs twice (a minute or two): the unit
+tests stay fast.  Nothing outside the temporary root is touched."""
 
 import os
 import stat
