@@ -3,13 +3,17 @@ and the warnings a wrong setup must produce on the side that can tell."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import socket
 import struct
+import sys
 import threading
 
 import pytest
 
-from uetlab import Pair
+from auth_tools import write_psk
+from uetlab import Pair, wait_for
 
 MB = 1 << 20
 ETH_P_ALL = 0x0003
@@ -97,3 +101,115 @@ def test_every_datagram_carries_df(pair: Pair, datapath):
                 (direction, len(batched))
     for counters in (client, server):
         assert counters.get("tx_drop_message_too_long", 0) == 0, counters
+
+
+# --------------------------------------------------------------------------- warnings
+
+SERVER = f"{Pair.SERVER_IP}:{Pair.PORT}"
+FIREWALL_NFT = """
+table ip uetdiag {
+    chain input {
+        type filter hook input priority filter; policy accept;
+        udp dport %d counter drop
+    }
+}
+"""
+
+
+@contextlib.contextmanager
+def connecting(pair: Pair, port: int = 7001):
+    """A TCP connect from C to the server's address, through the client tunnel,
+    kept trying (SYN retransmissions) for the duration of the block."""
+    sock = pair.c.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        sock.connect_ex((Pair.SERVER_IP, port))
+        yield sock
+    finally:
+        sock.close()
+
+
+def warned(tool, *needles, timeout: float = 30) -> str:
+    """Wait for a WARNING line of *tool* that contains every needle; return it."""
+    def find():
+        for line in tool.log().splitlines():
+            if " WARNING " in line and all(n in line for n in needles):
+                return line
+        return None
+    return wait_for(find, timeout, what=f"a warning with {needles}")
+
+
+def client_servers(pair: Pair) -> list[dict]:
+    """The servers section of the client's live status (``status --json``)."""
+    out = pair.c.run(sys.executable, "-m", "udp_encap_tun", "status", "--interface", pair.ctun,
+                     "--json")
+    return json.loads(out.stdout)["servers"]
+
+
+@pytest.mark.parametrize("datapath", ["offload"])  # the control path is the same on both
+def test_keyless_client_is_told_the_server_requires_a_key(pair: Pair, tmp_path):
+    """Server with --psk-file, client without: the client says what is wrong
+    (it used to count rx_drop_bad_control and log nothing), and its status
+    shows the server heard from, without a key."""
+    pair.start_server("--psk-file", write_psk(tmp_path / "psk"))
+    pair.start_client()
+    with connecting(pair):
+        line = warned(pair.client, f"server {SERVER} requires a pre-shared key (--psk-file)")
+    print(line)
+    [server] = client_servers(pair)
+    assert server["server"] == SERVER and server["auth"] == "no key", server
+    assert server["last_heard"] is not None and server["last_sent"] is not None, server
+    assert pair.client.stop().get("rx_drop_bad_control", 0) >= 1
+    assert pair.server.stop().get("rx_drop_unauthenticated", 0) >= 1
+
+
+@pytest.mark.parametrize("datapath", ["offload"])
+def test_keyed_client_against_keyless_server_warns_on_both_sides(pair: Pair, tmp_path):
+    """Client with --psk-file, server without: the server names the peer that
+    wants to authenticate; the client, whose HELLOs get no answer, says so
+    after 10 s and shows the server as failing."""
+    pair.start_server()
+    pair.start_client("--psk-file", write_psk(tmp_path / "psk"))
+    with connecting(pair):
+        print(warned(pair.server, "peer 192.0.2.1:5000 wants to authenticate",
+                     "no pre-shared key"))
+        print(warned(pair.client, f"server {SERVER} has not answered our authentication",
+                     "--endpoint-port 5000"))
+        [server] = client_servers(pair)
+    assert server["auth"] == "failing" and server["last_heard"] is None, server
+    assert pair.server.stop().get("rx_drop_bad_control", 0) >= 1
+
+
+@pytest.mark.parametrize("datapath", ["offload"])
+def test_wrong_endpoint_port_is_named_from_the_icmp_error(pair: Pair):
+    """The client sends to a port nothing listens on: the server's kernel
+    answers ICMP port unreachable, and the client names the server and the
+    likely fix at once (not only after 10 s)."""
+    pair.start_server()
+    pair.start_client(endpoint_port=Pair.PORT + 1)
+    wrong = f"{Pair.SERVER_IP}:{Pair.PORT + 1}"
+    with connecting(pair):
+        line = warned(pair.client, f"server {wrong}: port unreachable", "--endpoint-port",
+                      timeout=8)
+    print(line)
+    counters = pair.client.stop()
+    assert counters.get("icmp_port_unreachable", 0) >= 1, counters
+    assert counters.get("internal_error", 0) == 0, counters
+
+
+@pytest.mark.parametrize("datapath", ["offload"])
+def test_unreachable_server_warns_after_ten_seconds_of_silence(pair: Pair):
+    """A firewall in front of the server drops the tunnel's UDP (no ICMP): the
+    client warns once it has sent for 10 s and heard nothing, and its status
+    shows the server never heard from."""
+    pair.start_server()
+    pair.s.run("nft", "-f", "-", input=FIREWALL_NFT % Pair.PORT)
+    pair.start_client()
+    with connecting(pair):
+        line = warned(pair.client, f"no reply from server {SERVER} for 1", "firewall")
+        [server] = client_servers(pair)
+    print(line)
+    assert server["last_heard"] is None and server["last_sent"] is not None, server
+    assert server["auth"] == "no key", server
+    assert pair.server.stop().get("rx_packets", 0) == 0
+    assert pair.client.stop().get("tx_packets", 0) >= 1

@@ -65,6 +65,7 @@ SECRET_EPOCH = 6  # windows per server secret (a minute); current and previous a
 MIN_PSK = 16
 QUEUE_LIMIT = 128  # client: packets held per server while authenticating
 HELLO_RETRY = 1.0  # client: seconds between HELLOs while no WELCOME came
+FAILING_AFTER = 10.0  # client: an attempt without WELCOME this long is "failing"
 
 
 def header(kind: int) -> bytes:
@@ -226,6 +227,9 @@ class Session:
     cookie: bytes = b""
     next_hello: float = 0.0
     queue: deque = field(default_factory=lambda: deque(maxlen=QUEUE_LIMIT))
+    started: float | None = None  # first HELLO of the attempt under way (None: none)
+    hellos: int = 0  # HELLOs sent in this attempt
+    challenges: int = 0  # CHALLENGEs answered in this attempt
 
 
 class ClientAuth:
@@ -254,6 +258,9 @@ class ClientAuth:
             return None
         session.nonce = self.random(NONCE_LEN)
         session.next_hello = now + HELLO_RETRY
+        if session.started is None:
+            session.started, session.hellos, session.challenges = now, 0, 0
+        session.hellos += 1
         msg = header(HELLO) + session.nonce
         return msg + bytes(HELLO_SIZE - len(msg))
 
@@ -271,6 +278,7 @@ class ClientAuth:
         if kind == CHALLENGE:
             window = body[NONCE_LEN:NONCE_LEN + 4]
             session.cookie = body[NONCE_LEN + 4:]
+            session.challenges += 1
             return (header(RESPONSE) + nonce + window + session.cookie
                     + self.keys.proof(session.cookie, window, nonce)), (), "response_sent"
         if kind == WELCOME:
@@ -280,11 +288,22 @@ class ClientAuth:
             session.ok = True
             session.nonce = b""  # a replayed WELCOME finds nothing to match
             session.next_hello = now
+            session.started = None
             self.ready.add(peer)
             released = list(session.queue)
             session.queue.clear()
             return None, released, "authenticated"
         return None, (), "unexpected_" + TYPE_NAMES[kind]
+
+    def state(self, dest, now: float) -> str:
+        """'authenticated', 'pending' or 'failing' (an attempt, first or again
+        after AUTH_REQUIRED, has gone FAILING_AFTER seconds without WELCOME)."""
+        session = self.sessions.get(dest)
+        if session is None:
+            return "pending"
+        if session.started is not None and now - session.started >= FAILING_AFTER:
+            return "failing"
+        return "authenticated" if session.ok else "pending"
 
     def retries(self, now: float):
         """HELLOs due for servers that still hold data or never answered."""

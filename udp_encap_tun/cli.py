@@ -280,7 +280,7 @@ def setup_logging(level: str) -> None:
 
 def run(args) -> None:
     from .auth import Keys, load_psk
-    from .conn import open_udp, probe_udp_offload
+    from .conn import enable_icmp_errors, open_udp, probe_udp_offload
     from .core import Router
     from .device import OffloadTunnel, Tunnel
     from .keepalive import Keepalive
@@ -298,6 +298,8 @@ def run(args) -> None:
     sock = open_udp(args.listen_port, args.bind_to_interface, args.listen_address)
     tun = None
     try:
+        if args.endpoint_port is not None:
+            enable_icmp_errors(sock)  # "port unreachable" from a server names it
         offload = not args.no_offload
         tun = Tun(args.interface, vnet_hdr=offload)
         if offload and not tun.enable_offload():

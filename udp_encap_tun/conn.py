@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import struct
 
 from .errors import OperatorError
 
@@ -15,6 +16,12 @@ SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SOCKET_BUFFER = 8 << 20
 IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)  # ip(7); not in every Python build
 IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
+IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
+SO_EE_ORIGIN_ICMP = 2
+EXTENDED_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err, then the offender's sockaddr
+# errors a send can fail with only because an earlier ICMP error is still pending (IP_RECVERR)
+REPORTED_ERRORS = frozenset((errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+                             errno.EHOSTDOWN, errno.EPROTO))
 
 
 def open_udp(port: int, device: str, address: str = "0.0.0.0",
@@ -82,6 +89,51 @@ def set_path_mtu_discovery(sock: socket.socket) -> None:
     of fragmenting it, and learns the path MTU from ICMP "fragmentation
     needed" (PROBE would ignore those and keep sending what gets dropped)."""
     sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+
+
+def enable_icmp_errors(sock: socket.socket) -> None:
+    """Client: have ICMP errors about our datagrams queued on the socket
+    (IP_RECVERR), so that "port unreachable" from a server that is not there
+    names it.  Without it an unconnected UDP socket never hears of them.  The
+    kernel also fails the next send (to any destination) with such an error
+    once; device.Tunnel sends that datagram again."""
+    sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+
+
+def parse_icmp_error(ancdata):
+    """(errno, info, offender address or None) of an ICMP error read from the
+    error queue, or None (a local error, e.g. EMSGSIZE on send: counted there).
+    *info* is the next-hop MTU of "fragmentation needed"."""
+    for level, kind, data in ancdata:
+        if level != socket.IPPROTO_IP or kind != IP_RECVERR or len(data) < EXTENDED_ERR.size:
+            continue
+        err, origin, _type, _code, _pad, info, _data = EXTENDED_ERR.unpack_from(data)
+        if origin != SO_EE_ORIGIN_ICMP:
+            return None
+        offender = None
+        if len(data) >= EXTENDED_ERR.size + 8 and \
+                int.from_bytes(data[16:18], "little") == socket.AF_INET:
+            offender = socket.inet_ntoa(data[20:24])
+        return err, info, offender
+    return None
+
+
+def read_icmp_errors(sock: socket.socket, limit: int = 64):
+    """Drain (up to *limit* of) the error queue: [(destination, errno, info,
+    offender)] of the ICMP errors in it; local errors are dropped."""
+    out = []
+    for _ in range(limit):
+        try:
+            _data, ancdata, _flags, dest = sock.recvmsg(64, 512, socket.MSG_ERRQUEUE)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as exc:
+            log.debug("error queue: %s", exc)
+            break
+        found = parse_icmp_error(ancdata)
+        if found is not None:
+            out.append((dest, *found))
+    return out
 
 
 def set_buffers(sock: socket.socket, size: int) -> None:

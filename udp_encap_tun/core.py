@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import socket
 from collections import Counter
 
@@ -23,6 +24,18 @@ TX_MESSAGE_TOO_LONG = "message_too_long"  # the kernel refused a datagram with E
 TX_NO_INTERFACE = "no_interface"  # the bound interface is gone (ENODEV)
 WARN_INTERVAL = 60.0  # seconds: at most one warning per kind and peer this often
 WARN_BURST = 10  # warnings of one kind, all peers together, per WARN_INTERVAL at most
+SILENCE = 10.0  # client: warn when a server has not been heard this long after we sent to it
+# ICMP errors about datagrams we sent (client: IP_RECVERR), by errno: counter, what it means
+ICMP_ERRORS = {
+    errno.ECONNREFUSED: ("icmp_port_unreachable", "port unreachable"),
+    errno.EMSGSIZE: ("icmp_frag_needed", "fragmentation needed"),
+}
+AUTH_FAILURE_HINTS = {
+    "bad_proof": ": it holds another pre-shared key (--psk-file)",
+    "bad_cookie": ": a forged or replayed handshake, or its address changed midway",
+    "stale_cookie": ": its answer came too late (a slow path, or a replay)",
+    "admission_refused": ": it knows the key, but new peers are refused (see the warnings above)",
+}
 
 
 class Counters(Counter):
@@ -63,6 +76,18 @@ class Warnings:
         return True
 
 
+class ServerState:
+    """Client: what we know of one server (host, port)."""
+
+    __slots__ = ("last_sent", "last_heard", "silent_since", "silence_warned")
+
+    def __init__(self):
+        self.last_sent: float | None = None  # anything: data, keepalive, handshake
+        self.last_heard: float | None = None  # any datagram from it
+        self.silent_since: float | None = None  # a send after which nothing came back
+        self.silence_warned: float | None = None
+
+
 class Router:
     """Client mode when *endpoint_port* is set, server mode otherwise."""
 
@@ -74,6 +99,7 @@ class Router:
         self.client = endpoint_port is not None  # client mode (else server mode)
         self.mss = mss  # clamp the MSS of SYNs crossing the tunnel to this (None: off)
         self.remotes: dict = {}  # client: (host, port) -> last TX time, for keepalives
+        self.servers: dict = {}  # client: (host, port) -> ServerState (status, warnings)
         self.pool_cidr = pool_cidr
         self.pool_key = pool_key
         self.timeout = timeout
@@ -168,7 +194,10 @@ class Router:
         if len(self._routes) > 4096:  # bounded: a scan through the tun must not grow memory
             self._routes.clear()
             self.remotes.clear()
+            self.servers.clear()
         route = self._routes[bytes(dst)] = ((socket.inet_ntoa(dst), self.endpoint_port), None)
+        if route[0] not in self.servers:
+            self.servers[route[0]] = ServerState()
         return route
 
     # -- RX: UDP -> tun -----------------------------------------------------
@@ -178,8 +207,12 @@ class Router:
 
         entry is the server's store entry (None in client mode)."""
         dst = self.tun_address
+        if self.client:
+            server = self.servers.get(peer)
+            if server is not None:
+                server.last_heard = now
         if dst is None:
-            self.counters["rx_drop_" + RX_NO_TUN_ADDRESS] += count
+            self._no_tun_address(peer, now, count)
             return None
         if self.client:
             src = self._aton.get(peer[0])
@@ -211,6 +244,12 @@ class Router:
                 return None
         return entry.address, dst, entry
 
+    def _no_tun_address(self, peer, now: float, count: int = 1) -> None:
+        self.count_rarely_logged(
+            "rx_drop_" + RX_NO_TUN_ADDRESS, "dropping datagrams from %s:%d: the tun has no IPv4 "
+            "address (give it one: --tun-address, or ip addr add ADDRESS dev TUN)", *peer,
+            now=now, peer=peer, amount=count)
+
     def _admit(self, peer, now: float, count: int = 1) -> Entry | None:
         entry = self.store.admit(peer, now)
         if isinstance(entry, str):
@@ -223,21 +262,31 @@ class Router:
         return entry
 
     def _ask_to_authenticate(self, peer, now: float) -> None:
-        self._send_control(peer, self.server_auth.auth_required(now))
+        self._send_control(peer, self.server_auth.auth_required(now), now)
 
-    def _send_control(self, dest, message: bytes | None) -> None:
+    def _send_control(self, dest, message: bytes | None, now: float) -> None:
         if message is not None:
             self.outbox.append((dest, [(message, len(message))]))
+            if self.client:
+                self.sent(dest, now)
 
     # -- authentication --------------------------------------------------------
     def control(self, datagram, peer, now: float) -> None:
         """A datagram that is no TCP segment and looks like a control message."""
         msg = auth.parse(datagram)
+        server = self.servers.get(peer) if self.client else None
+        if server is not None:
+            server.last_heard = now
         if msg is None or not (self.server_auth or self.client_auth):
             self.counters["rx_drop_bad_control"] += 1
+            if msg is not None:
+                self._control_without_key(msg[0], peer, server, now)
             return
         kind, body = msg
         if self.server_auth is not None:
+            if self.tun_address is None:  # nobody can be admitted: say why
+                self._no_tun_address(peer, now)
+                return
             reply, outcome = self.server_auth.on_control(kind, body, peer, now)
             if outcome == "accepted" and (self.store is None or (
                     self.store.lookup_peer(peer, now) is None and self._admit(peer, now) is None)):
@@ -250,34 +299,143 @@ class Router:
         if outcome in auth.SUCCESS:
             self.counters["auth_" + outcome] += 1
         else:
-            self.count_rarely_logged("auth_fail_" + outcome, "authentication with %s:%d: %s",
-                                     *peer, outcome.replace("_", " "), now=now, peer=peer)
-        self._send_control(peer, reply)
+            self.count_rarely_logged("auth_fail_" + outcome, "authentication with %s:%d: %s%s",
+                                     *peer, outcome.replace("_", " "),
+                                     AUTH_FAILURE_HINTS.get(outcome, ""), now=now, peer=peer)
+        self._send_control(peer, reply, now)
+
+    def _control_without_key(self, kind: int, peer, server, now: float) -> None:
+        """A well-formed control message, and we have no pre-shared key."""
+        if not self.client and kind == auth.HELLO:
+            self.warn("hello_without_key", peer, now, "peer %s:%d wants to authenticate (it has "
+                      "--psk-file) but this server has no pre-shared key: it will send nothing "
+                      "until it is authenticated (give both ends the same --psk-file)", *peer)
+        elif server is not None and kind == auth.AUTH_REQUIRED:  # only from a server we use
+            self.warn("key_required", peer, now, "server %s:%d requires a pre-shared key "
+                      "(--psk-file): it drops everything we send", *peer)
 
     def hold(self, dest, batches, now: float) -> None:
         """Client: data for a server we have not authenticated to yet."""
         hello, dropped = self.client_auth.hold(dest, [(bytes(b), n) for b, n in batches], now)
         if dropped:
             self.counters["tx_drop_auth_pending"] += 1
-        self._send_control(dest, hello)
+        self._send_control(dest, hello, now)
 
     def tick(self, now: float) -> None:
         if self.client_auth is not None:
             for hello, dest in self.client_auth.retries(now):
-                self._send_control(dest, hello)
+                self._send_control(dest, hello, now)
+        if self.client:
+            self._watch_servers(now)
 
-    def keepalive_received(self, peer, now: float) -> None:
-        """An empty datagram: refresh the peer's entry (never creates one)."""
+    # -- client: is anybody there? ---------------------------------------------
+    def sent(self, dest, now: float) -> None:
+        """Client: something other than data (keepalive, handshake) went to *dest*."""
+        server = self.servers.get(dest)
+        if server is None:
+            if len(self.servers) > 4096:
+                return
+            server = self.servers[dest] = ServerState()
+        server.last_sent = now
+
+    def auth_state(self, dest, now: float) -> str:
+        """Client: 'no key', 'pending', 'authenticated' or 'failing'."""
+        if self.client_auth is None:
+            return "no key"
+        return self.client_auth.state(dest, now)
+
+    def _watch_servers(self, now: float) -> None:
+        """Warn about servers that do not answer, or do not accept our key."""
+        for dest, server in self.servers.items():
+            data = self.remotes.get(dest)
+            if data is not None and (server.last_sent is None or data > server.last_sent):
+                server.last_sent = data
+            sent, heard = server.last_sent, server.last_heard
+            if server.silent_since is not None and heard is not None \
+                    and heard >= server.silent_since:
+                server.silent_since = None
+                if server.silence_warned is not None:
+                    server.silence_warned = None
+                    log.info("server %s:%d answers again", *dest)
+            if server.silent_since is None and sent is not None and (heard is None or sent > heard):
+                server.silent_since = sent
+            if server.silent_since is not None and now - server.silent_since >= SILENCE and (
+                    server.silence_warned is None or sent > server.silence_warned):
+                if self._warn_silent(dest, server, now):
+                    server.silence_warned = now
+            if self.client_auth is not None:
+                self._watch_authentication(dest, now)
+
+    def _warn_silent(self, dest, server: ServerState, now: float) -> bool:
+        quiet = now - server.silent_since
+        session = self.client_auth.sessions.get(dest) if self.client_auth else None
+        if session is not None and session.started is not None and not session.challenges:
+            return self.warn(
+                "silent", dest, now, "server %s:%d has not answered our authentication for "
+                "%.0f s (%d HELLOs): is it running with --psk-file, is --endpoint-port %d its "
+                "--listen-port, does a firewall drop the UDP?", *dest, quiet, session.hellos,
+                dest[1])
+        return self.warn(
+            "silent", dest, now, "no reply from server %s:%d for %.0f s although we keep "
+            "sending to it: is it running, is --endpoint-port %d its --listen-port, does a "
+            "firewall drop the UDP, has its tun an address?", *dest, quiet, dest[1])
+
+    def _watch_authentication(self, dest, now: float) -> None:
+        session = self.client_auth.sessions.get(dest)
+        if session is None or session.started is None or not session.challenges \
+                or now - session.started < auth.FAILING_AFTER:
+            return
+        self.warn("auth_failing", dest, now, "server %s:%d does not accept our pre-shared key: "
+                  "%d challenges answered in %.0f s, no welcome (does it hold the same "
+                  "--psk-file? or it refuses new peers: see its log)", *dest, session.challenges,
+                  now - session.started)
+
+    def icmp_error(self, dest, err: int, info: int, offender: str | None, now: float) -> None:
+        """The kernel reports an ICMP error about a datagram we sent to *dest*
+        (client: IP_RECVERR).  *info* is the next-hop MTU for EMSGSIZE."""
+        counter, what = ICMP_ERRORS.get(err, ("icmp_unreachable", None))
+        what = what or os.strerror(err).lower()
+        self.counters[counter] += 1
+        if dest not in self.servers:
+            return
+        via = f" (ICMP from {offender})" if offender and offender != dest[0] else ""
+        if err == errno.ECONNREFUSED:
+            self.warn("unreachable", dest, now, "server %s:%d: port unreachable%s: nothing "
+                      "listens on UDP port %d there (is --endpoint-port right, is the server "
+                      "running?)", *dest, via, dest[1])
+        elif err == errno.EMSGSIZE:
+            self.warn("path_mtu", dest, now, "the path MTU to server %s is %d%s: datagrams "
+                      "larger than that are refused; the tun MTU should be at most %d (--mtu)",
+                      dest[0], info, via, info - 8)
+        else:
+            self.warn("unreachable", dest, now, "server %s:%d is unreachable: %s%s", *dest,
+                      what, via)
+
+    def keepalive_received(self, peer, now: float) -> bool:
+        """An empty datagram.  Server: refresh the peer's entry (never creates
+        one); True if the peer is known: answer with an empty datagram, so that a
+        client whose only traffic is keepalives hears that we are there.
+        Client: the server's answer (never answered: no ping-pong)."""
         self.counters["rx_keepalives"] += 1
-        if self.store is not None and self.store.lookup_peer(peer, now) is None \
-                and self.server_auth is not None:
-            self._ask_to_authenticate(peer, now)
+        if self.client:
+            server = self.servers.get(peer)
+            if server is not None:
+                server.last_heard = now
+            return False
+        if self.store is None:
+            return False
+        if self.store.lookup_peer(peer, now) is None:
+            if self.server_auth is not None:
+                self._ask_to_authenticate(peer, now)
+            return False
+        return True
 
     def keepalive_targets(self, now: float, forget: float = KEEPALIVE_FORGET):
         """Client: the servers TCP went to in the last *forget* seconds."""
         for dest, last in list(self.remotes.items()):
             if now - last > forget:
                 del self.remotes[dest]
+                self.servers.pop(dest, None)
         return list(self.remotes)
 
     def next_ident(self) -> int:

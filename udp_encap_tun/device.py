@@ -18,7 +18,7 @@ import time
 from . import offload as ol
 from . import packet as pk
 from .auth import is_control
-from .conn import SOL_UDP, UDP_GRO, UDP_SEGMENT
+from .conn import REPORTED_ERRORS, SOL_UDP, UDP_GRO, UDP_SEGMENT, read_icmp_errors
 from .core import Router
 from .errors import LinkFault
 from .faults import Links, ReadErrors
@@ -135,6 +135,7 @@ class Tunnel:
             callbacks[fd] = callback
         self.running = True
         clock, poll, router = self.clock, poller.poll, self.router
+        udp_fd, epollerr = self.sock.fileno(), select.EPOLLERR
         next_housekeeping = clock() + HOUSEKEEPING
         log.info("ready: %s mode, tun %s, UDP port %d",
                  "client" if router.client else "server", self.tun.name,
@@ -145,9 +146,11 @@ class Tunnel:
         try:
             while self.running:
                 timeout = next_housekeeping - now
-                for fd, _ in poll(timeout if timeout > 0 else 0):
+                for fd, events in poll(timeout if timeout > 0 else 0):
                     try:
                         callbacks[fd]()
+                        if events & epollerr and fd == udp_fd:
+                            self.on_udp_error()
                     except Exception:  # a bug must not take the tunnel down
                         self.counters["internal_error"] += 1
                         log.exception("internal error (tunnel keeps running)")
@@ -209,14 +212,17 @@ class Tunnel:
                 else:
                     self.send_batch(data, size, dest)
             except OSError as exc:
-                if exc.errno == errno.EMSGSIZE and self._shrunk(min(n, size)):
-                    # the bound link's MTU fell and we just learnt it: cut smaller
-                    sent = self._send_recut(data, size, dest)
-                    packets += sent[0]
-                    nbytes += sent[1]
-                else:
-                    self._send_error(exc, dest, min(n, size))
-                continue
+                if exc.errno in REPORTED_ERRORS:
+                    exc = self._send_again(data, size, dest)
+                if exc is not None:
+                    if exc.errno == errno.EMSGSIZE and self._shrunk(min(n, size)):
+                        # the bound link's MTU fell and we just learnt it: cut smaller
+                        sent = self._send_recut(data, size, dest)
+                        packets += sent[0]
+                        nbytes += sent[1]
+                    else:
+                        self._send_error(exc, dest, min(n, size))
+                    continue
             packets += -(-n // size)
             nbytes += n
         self.counters["tx_packets"] += packets
@@ -410,7 +416,8 @@ class Tunnel:
     def not_tcp(self, datagram, reason: str, peer, now: float) -> None:
         """A datagram that is no TCP segment: keepalive, control message or junk."""
         if not datagram:
-            self.router.keepalive_received(peer, now)
+            if self.router.keepalive_received(peer, now):
+                self.send_keepalive(peer, now)
         elif is_control(datagram):
             self.router.control(datagram, peer, now)
         else:
@@ -427,9 +434,39 @@ class Tunnel:
             entry.rx_packets += packets
             entry.rx_bytes += nbytes
 
+    def _send_again(self, data, size: int, dest) -> OSError | None:
+        """An error left pending by an ICMP message (client, IP_RECVERR) fails
+        the next send whatever its destination: send it again, once.  Returns
+        the second try's error (None: it went)."""
+        try:
+            if len(data) <= size:
+                self.sock.sendto(data, dest)
+            else:
+                self.send_batch(data, size, dest)
+        except OSError as exc:
+            return exc
+        return None
+
     def _send_error(self, exc: OSError, dest, size: int) -> None:
         if self.router.send_failed(dest, exc.errno, size, self.clock()) == "send_error":
             log.debug("sendto %s:%d: %s", *dest, exc)
+
+    def send_keepalive(self, dest, now: float) -> None:
+        """An empty datagram to *dest* (client: a keepalive; server: the answer to one)."""
+        try:
+            self.sock.sendto(b"", dest)
+        except OSError as exc:
+            log.debug("keepalive to %s:%d: %s", *dest, exc)
+            return
+        self.counters["tx_keepalives"] += 1
+        if self.router.client:
+            self.router.sent(dest, now)
+
+    def on_udp_error(self) -> None:
+        """The socket's error queue holds ICMP errors (client: IP_RECVERR)."""
+        now = self.clock()
+        for dest, err, info, offender in read_icmp_errors(self.sock):
+            self.router.icmp_error(dest, err, info, offender, now)
 
     def on_udp(self) -> None:
         """RX: datagrams become IPv4 packets written to the tun, one by one."""

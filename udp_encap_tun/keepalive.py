@@ -1,18 +1,15 @@
 """Client keepalives: an empty UDP datagram to each server now and then keeps a
 NAT mapping and the server's store entry alive while TCP is idle.
 
-An empty datagram can never be a TCP segment.  Our server only refreshes the
-sender's entry; the original C program builds a 20-byte IPv4 packet with no
+An empty datagram can never be a TCP segment.  Our server refreshes the
+sender's entry and answers with an empty datagram (so that the client hears
+from it while TCP is idle, see Router.tick); the original C program builds a 20-byte IPv4 packet with no
 TCP header from it, which the kernel discards as malformed (and its entry is
 refreshed too)."""
 
 from __future__ import annotations
 
-import logging
-
 from .device import Service
-
-log = logging.getLogger(__name__)
 
 
 class Keepalive(Service):
@@ -27,9 +24,4 @@ class Keepalive(Service):
             return
         self.next = now + self.interval
         for dest in tunnel.router.keepalive_targets(now):
-            try:
-                tunnel.sock.sendto(b"", dest)
-            except OSError as exc:
-                log.debug("keepalive to %s:%d: %s", *dest, exc)
-                continue
-            tunnel.counters["tx_keepalives"] += 1
+            tunnel.send_keepalive(dest, now)

@@ -119,10 +119,7 @@ def describe_head(tunnel, now: float, wall: float, started: float | None = None,
                    link_mtu=links.bind_mtu, mtu=links.tun_mtu)
     doc.update(extra or {})
     if router.client:
-        doc["servers"] = [  # router.remotes is bounded (4096)
-            {"server": f"{host}:{port}", "host": host, "port": port,
-             "last_used": round(max(0.0, now - last), 1)}
-            for (host, port), last in sorted(router.remotes.items(), key=lambda kv: -kv[1])]
+        doc["servers"] = client_servers(router, now)
     else:
         doc["peer_timeout"] = router.timeout
         doc["max_peers"] = router.max_peers
@@ -131,6 +128,28 @@ def describe_head(tunnel, now: float, wall: float, started: float | None = None,
         doc["peer_count"] = len(store) if store is not None else 0
     doc["counters"] = tunnel.counters.snapshot()
     return doc
+
+
+def _ago(now: float, then: float | None) -> float | None:
+    return None if then is None else round(max(0.0, now - then), 1)
+
+
+def client_servers(router, now: float) -> list:
+    """Client: each server it talks to (bounded: 4096), most recently sent to
+    first, with seconds since we last sent to it (anything), last used it for
+    TCP and last heard from it (None: never), and the authentication state."""
+    servers = []
+    for (host, port), server in router.servers.items():
+        last_used = router.remotes.get((host, port))
+        last_sent = server.last_sent
+        if last_used is not None and (last_sent is None or last_used > last_sent):
+            last_sent = last_used
+        servers.append({"server": f"{host}:{port}", "host": host, "port": port,
+                        "last_sent": _ago(now, last_sent), "last_used": _ago(now, last_used),
+                        "last_heard": _ago(now, server.last_heard),
+                        "auth": router.auth_state((host, port), now)})
+    servers.sort(key=lambda s: (s["last_sent"] is None, s["last_sent"] or 0.0))
+    return servers
 
 
 def peer_entries(tunnel) -> list:
@@ -382,6 +401,10 @@ def _table(rows, align: str, indent: str = "  ") -> list[str]:
             for row in rows]
 
 
+def _ago_text(seconds: float | None) -> str:
+    return "never" if seconds is None else format_duration(seconds) + " ago"
+
+
 def render_text(doc: dict) -> str:
     lines = []
     head = f"udp-encap-tun on {doc['interface']}: {doc['mode']}, pid {doc['pid']}"
@@ -427,10 +450,11 @@ def render_text(doc: dict) -> str:
         lines.append("")
         lines += _table(rows, "llrrrrrr")
     elif doc["mode"] == "client" and doc.get("servers"):
-        rows = [("SERVER", "LAST USED")]
-        rows += [(s["server"], format_duration(s["last_used"]) + " ago") for s in doc["servers"]]
+        rows = [("SERVER", "LAST SENT", "LAST HEARD", "AUTHENTICATION")]
+        rows += [(s["server"], _ago_text(s.get("last_sent")), _ago_text(s.get("last_heard")),
+                  s.get("auth", "-")) for s in doc["servers"]]
         lines.append("")
-        lines += _table(rows, "lr")
+        lines += _table(rows, "lrrl")
 
     by_direction, other = split_counters(doc.get("counters", {}))
     for name in ("packets", "bytes"):
@@ -505,6 +529,9 @@ class _Exposition:
             out.append(f"# TYPE {name} {kind}")
             out += samples
         return "\n".join(out) + "\n"
+
+
+AUTH_STATES = ("no key", "pending", "authenticated", "failing")
 
 
 def prometheus_down(interface: str) -> str:
@@ -588,8 +615,19 @@ def render_prometheus(doc: dict, per_peer: bool = False) -> str:
                       "Per peer: seconds since the last datagram from it.", labels,
                       peer["last_heard"])
     else:
-        m.add(p + "servers", "gauge", "Servers the client sent to recently.", iface,
-              len(doc.get("servers", [])))
+        servers = doc.get("servers", [])
+        m.add(p + "servers", "gauge", "Servers the client sent to recently.", iface, len(servers))
+        for server in servers:
+            labels = {**iface, "server": server["server"]}
+            for key, what in (("last_sent", "we last sent it anything"),
+                              ("last_heard", "we last heard from it (absent: never)")):
+                if server.get(key) is not None:
+                    m.add(f"{p}server_{key}_seconds", "gauge",
+                          f"Per server: seconds since {what}.", labels, server[key])
+            for state in AUTH_STATES:
+                m.add(p + "server_auth", "gauge", "Per server: 1 for its authentication state "
+                      "(no key, pending, authenticated, failing).",
+                      {**labels, "state": state}, int(server.get("auth") == state))
     return m.text()
 
 
