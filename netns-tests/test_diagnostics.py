@@ -181,6 +181,36 @@ def test_keyed_client_against_keyless_server_warns_on_both_sides(pair: Pair, tmp
 
 
 @pytest.mark.parametrize("datapath", ["offload"])
+def test_different_keys_warn_on_both_sides(pair: Pair, tmp_path):
+    """Both ends hold a key, not the same one: the server says the proof was
+    bad and why, the client that the server does not accept its key (it does
+    answer, so the client does not call it silent)."""
+    pair.start_server("--psk-file", write_psk(tmp_path / "psk"))
+    pair.start_client("--psk-file", write_psk(tmp_path / "other"))
+    with connecting(pair):
+        print(warned(pair.server, "authentication with 192.0.2.1:5000: bad proof",
+                     "another pre-shared key (--psk-file)"))
+        print(warned(pair.client, f"server {SERVER} does not accept our pre-shared key"))
+        [server] = client_servers(pair)
+    assert server["auth"] == "failing" and server["last_heard"] is not None, server
+    assert "no reply from server" not in pair.client.log()
+
+
+@pytest.mark.parametrize("datapath", ["offload"])
+def test_server_without_tun_address_says_why_it_drops(pair: Pair):
+    """The server's tun has no address: it names the peer it drops and the
+    fix; the client, which hears nothing, warns after 10 s."""
+    pair.server = pair.lab.tool(pair.s, "--interface", pair.stun, "--listen-port", Pair.PORT,
+                                "--bind-to-interface", pair.vs)
+    pair.start_client()
+    with connecting(pair):
+        print(warned(pair.server, "dropping datagrams from 192.0.2.1:5000: the tun has no IPv4 "
+                     "address", "--tun-address", "ip addr add"))
+        print(warned(pair.client, f"no reply from server {SERVER}"))
+    assert pair.server.stop().get("rx_drop_no_tun_address", 0) >= 1
+
+
+@pytest.mark.parametrize("datapath", ["offload"])
 def test_wrong_endpoint_port_is_named_from_the_icmp_error(pair: Pair):
     """The client sends to a port nothing listens on: the server's kernel
     answers ICMP port unreachable, and the client names the server and the
@@ -213,3 +243,64 @@ def test_unreachable_server_warns_after_ten_seconds_of_silence(pair: Pair):
     assert server["auth"] == "no key", server
     assert pair.server.stop().get("rx_packets", 0) == 0
     assert pair.client.stop().get("tx_packets", 0) >= 1
+
+
+# --------------------------------------------------------------------------- a smaller path MTU
+
+PATH_MTU = 1280
+
+
+def test_path_mtu_below_the_tun_is_named_and_fixed_by_mtu(lab):
+    """C -(1500)- M -(1280)- S: the client's tun expects a path MTU of 1500.
+    Full-size datagrams (DF) are dropped at M, whose "fragmentation needed"
+    the client names (the path MTU and the --mtu to use); after that its kernel
+    refuses them itself: tx_drop_message_too_long, and nothing of the upload
+    arrives.  With --mtu 1272 (path MTU - 8) the same upload is byte-exact."""
+    c, m, s = lab.netns("c"), lab.netns("m"), lab.netns("s")
+    vc, mc = lab.ifname("vc"), lab.ifname("mc")
+    ms, vs = lab.ifname("ms"), lab.ifname("vs")
+    tun_c, tun_s = lab.ifname("tc"), lab.ifname("ts")
+    lab.veth(c, vc, "192.0.2.1/24", m, mc, "192.0.2.254/24")
+    lab.veth(m, ms, "198.51.100.254/24", s, vs, "198.51.100.2/24")
+    with m.ipr() as ipr:  # M's way to S is the narrow one
+        ipr.link("set", index=ipr.link_lookup(ifname=ms)[0], mtu=PATH_MTU)
+    m.sysctl("net.ipv4.ip_forward", 1)
+    c.add_route("198.51.100.0/24", gateway="192.0.2.254")
+    s.add_route("192.0.2.0/24", gateway="198.51.100.254")
+    server_ip = "198.51.100.2"
+    server = lab.tool(s, "--interface", tun_s, "--listen-port", 5000, "--bind-to-interface", vs,
+                      "--tun-address", "10.9.0.1/24")
+
+    def client(*extra):
+        return lab.tool(c, "--interface", tun_c, "--listen-port", 5000, "--bind-to-interface", vc,
+                        "--endpoint-port", 5000, "--tun-address", "10.9.0.2/32",
+                        "--route", f"{server_ip}/32", *extra)
+
+    first = client()
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(s.socket(socket.AF_INET, socket.SOCK_STREAM))
+        listener.bind(("0.0.0.0", 7001))
+        listener.listen(1)
+        sock = stack.enter_context(c.socket(socket.AF_INET, socket.SOCK_STREAM))
+        sock.settimeout(20)
+        sock.connect((server_ip, 7001))  # SYNs are small: they cross
+        sock.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            sock.send(bytes(256 * 1024))
+        print(warned(first, f"the path MTU to server {server_ip} is {PATH_MTU}",
+                     f"at most {PATH_MTU - 8} (--mtu)"))
+        print(warned(first, f"to {server_ip}:5000 is larger than the path MTU", "--mtu"))
+        accepted, _ = listener.accept()
+        accepted.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            accepted.recv(1 << 16)  # not one full-size segment crossed
+        accepted.close()
+    counters = first.stop()
+    assert counters.get("icmp_frag_needed", 0) >= 1, counters
+    assert counters.get("tx_drop_message_too_long", 0) >= 1, counters
+
+    second = client("--mtu", PATH_MTU - 8)
+    lab.transfer(s, c, server_ip, 7002, "upload", 2 * MB, timeout=90)
+    counters = second.stop()
+    assert counters.get("tx_drop_message_too_long", 0) == 0, counters
+    assert server.stop().get("rx_bytes", 0) >= 2 * MB

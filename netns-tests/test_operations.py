@@ -233,9 +233,8 @@ def test_mss_clamping_for_a_lan_behind_the_client_router(lab):
     --no-clamp-mss on both ends: the connection opens (small packets), the
     server side sends with a larger MSS, and H's data never arrives at S: a
     black hole (R's kernel tried to send "fragmentation needed").  Only this
-    direction is asserted to stall: S -> H does too on the simple path, but
-    on the offload path S's UDP GSO datagrams leave without DF and M
-    fragments them, so they get through."""
+    direction is asserted to stall (S -> H stalls too: every datagram carries
+    DF, UDP GSO batches included, and M drops its "fragmentation needed")."""
     h, r, m, s = (lab.netns(role) for role in ("h", "r", "m", "s"))
     hl, rl = lab.ifname("hl"), lab.ifname("rl")
     rw, mw = lab.ifname("rw"), lab.ifname("mw")
