@@ -116,6 +116,40 @@ def _port(text: str) -> int:
 _port.__name__ = "port"
 
 
+def _port_spec(text: str):
+    """A port (int), or with --wire tcp-in-udp also ranges 'LOW-HIGH' and lists
+    'A,B' (kept as text)."""
+    if not any(c in str(text) for c in "-, "):
+        return _port(text)
+    from .tiumode import parse_port_ranges
+    parse_port_ranges([text])
+    return str(text)
+
+
+_port_spec.__name__ = "port"
+
+
+class _Ports(argparse._AppendAction):
+    """--listen-port / --endpoint-port: the value in dest (one port: the default
+    wire format), every value given in dest_all (tcp-in-udp: repeatable, ranges)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest + "_all", [*(getattr(namespace, self.dest + "_all", None)
+                                                  or []), values])
+        setattr(namespace, self.dest, values)
+        namespace.__dict__.setdefault("given", set()).add(self.dest)
+
+
+# what the TCP-in-UDP format has no room for, refused with it
+NOT_IN_TIU = {
+    "psk_file": "the format has no room for control messages",
+    "keepalive": "the TCP flows keep their NAT mappings themselves",
+    "address_pool": "no generated addresses: TCP sees the real ones",
+    "address_key": "no generated addresses: TCP sees the real ones",
+    "no_clamp_mss": "a datagram is exactly as long as its segment: nothing is clamped",
+}
+
+
 def _ipv4(text: str) -> str:
     return str(ipaddress.IPv4Address(text))
 
@@ -172,15 +206,22 @@ def build_parser() -> configargparse.ArgParser:
     p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     p.add_argument("--interface", required=True, type=_interface, metavar="TUN",
                    help="tun device to use; created if missing (and then removed on exit)")
-    p.add_argument("--listen-port", required=True, type=_port, metavar="PORT",
-                   help="local UDP port; all datagrams leave from it")
+    p.add_argument("--listen-port", type=_port_spec, action=_Ports, metavar="PORT",
+                   help="local UDP port; all datagrams leave from it (required; tcp-in-udp: the "
+                        "server's tunnelled TCP ports, repeatable, ranges LOW-HIGH allowed; "
+                        "a client has none)")
     p.add_argument("--bind-to-interface", required=True, type=_interface, metavar="DEV",
                    help="network interface the UDP socket is bound to (SO_BINDTODEVICE)")
     p.add_argument("--listen-address", default="0.0.0.0", type=_ipv4, metavar="ADDR",
                    help="local IPv4 address of the UDP socket (default: any); set it on a "
                         "server with several addresses so replies leave from the one peers use")
-    p.add_argument("--endpoint-port", type=_port, metavar="PORT",
-                   help="client mode: send to each packet's IPv4 destination at this UDP port")
+    p.add_argument("--endpoint-port", type=_port_spec, action=_Ports, metavar="PORT",
+                   help="client mode: send to each packet's IPv4 destination at this UDP port "
+                        "(tcp-in-udp: the tunnelled TCP ports, repeatable, ranges allowed)")
+    p.add_argument("--wire", choices=["udp-encap-tun", "tcp-in-udp"], default="udp-encap-tun",
+                   help="wire format: udp-encap-tun (default: the C original's, generated "
+                        "addresses) or tcp-in-udp (draft-cheshire-tcp-over-udp, interoperable "
+                        "with the eBPF tcp-in-udp: no overhead, real addresses)")
     p.add_argument("--mtu", type=_mtu, metavar="BYTES",
                    help=f"tun MTU, {MIN_MTU} to {MAX_MTU} (default: MTU of --bind-to-interface "
                         "minus 8, following it when it changes; an explicit MTU is lowered "
@@ -231,6 +272,19 @@ def parse_args(argv) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     given = vars(args).pop("given", set())
+    if args.wire == "tcp-in-udp":
+        for dest, why in NOT_IN_TIU.items():
+            if dest in given:
+                parser.error(f"--{dest.replace('_', '-')} does not exist in --wire tcp-in-udp: "
+                             f"{why}")
+        return args  # both roles use --peer-timeout, --max-peers, --admission-rate (flows)
+    if args.listen_port is None:
+        parser.error("the following arguments are required: --listen-port")
+    for dest in ("listen_port", "endpoint_port"):
+        values = getattr(args, dest + "_all", None) or []
+        if len(values) > 1 or any(isinstance(v, str) for v in values):
+            parser.error(f"--{dest.replace('_', '-')}: one port in the default wire format "
+                         "(repeats and ranges are for --wire tcp-in-udp)")
     mode = "client" if args.endpoint_port is not None else "server"
     other = "server" if mode == "client" else "client"
     for dest in MODE_OPTIONS[other]:
@@ -284,12 +338,15 @@ def run(args) -> None:
     from .core import Router
     from .device import OffloadTunnel, Tunnel
     from .keepalive import Keepalive
-    from .notify import Notify
-    from .status import StatusServer
     from .store import AddressPool
     from .faults import Links
     from .tun import Tun, link_info
 
+    if args.wire == "tcp-in-udp":
+        from . import tiudev
+        _index, link = link_info(args.bind_to_interface)
+        mtu = args.mtu or min(link, 65535)  # no overhead: the link's MTU
+        return tiudev.run(args, mtu, lambda mtu: _services(args))
     if args.endpoint_port is None and args.address_pool:
         AddressPool(args.address_pool)  # validate before touching anything
     keys = Keys(load_psk(args.psk_file)) if args.psk_file else None
@@ -318,11 +375,7 @@ def run(args) -> None:
         tun.refresh_address()
         router.set_tun_address(tun.address, tun.network)  # validates a derived pool
         services = [Keepalive(args.keepalive)] if args.keepalive else []
-        if not args.no_status:
-            services.append(StatusServer(public=args.status_public))
-        notify = Notify.from_environ()  # None unless $NOTIFY_SOCKET is set
-        if notify is not None:
-            services.append(notify)
+        services += _services(args)
         links = Links(tun.index, mtu, args.bind_to_interface, bind_index, bind_mtu,
                       explicit_mtu=args.mtu, clamp=not args.no_clamp_mss)
         if offload:
@@ -339,6 +392,20 @@ def run(args) -> None:
         if tun is not None:
             tun.close()
         sock.close()
+
+
+def _services(args) -> list:
+    """Status and service-manager notification, for both wire formats."""
+    from .notify import Notify
+    from .status import StatusServer
+
+    services = []
+    if not args.no_status:
+        services.append(StatusServer(public=args.status_public))
+    notify = Notify.from_environ()  # None unless $NOTIFY_SOCKET is set
+    if notify is not None:
+        services.append(notify)
+    return services
 
 
 def main(argv=None) -> int:

@@ -92,7 +92,7 @@ class Tunnel:
         self.tun = tun
         self.sock = sock
         self.tun_pending = Pending(tun.fd) if tun is not None else None
-        self.udp_pending = Pending(sock.fileno())
+        self.udp_pending = Pending(sock.fileno()) if sock is not None else None
         self.clock = clock
         self.running = False
         # RX buffer: datagrams land at rx_start, with room for the tun's headers
@@ -116,7 +116,7 @@ class Tunnel:
         # A bare epoll and a dict of callbacks: selectors costs a few microseconds
         # per wake-up, which one-packet wake-ups (request/response) feel.
         poller = self.poller = select.epoll()
-        callbacks = {}
+        callbacks = self.callbacks = {}
         rpipe, wpipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         old_wakeup = signal.set_wakeup_fd(wpipe)
         handlers = {s: signal.signal(s, lambda *_: None)
@@ -125,8 +125,7 @@ class Tunnel:
         self._address_changed()
         if self.links is not None:  # what changed before the monitor listened
             self.apply_links(self.links.resync(self.tun.link_snapshot(self._link_names())))
-        self.sock.setblocking(False)
-        watched = [(self.tun.fd, self.on_tun), (self.sock.fileno(), self.on_udp),
+        watched = [(self.tun.fd, self.on_tun), *self.udp_watch(),
                    (monitor.fileno(), self.on_netlink), (rpipe, lambda: self.on_signal(rpipe))]
         for service in self.services:
             watched.extend(service.watch(self))
@@ -137,9 +136,8 @@ class Tunnel:
         clock, poll, router = self.clock, poller.poll, self.router
         udp_fd, epollerr = self.sock.fileno(), select.EPOLLERR
         next_housekeeping = clock() + HOUSEKEEPING
-        log.info("ready: %s mode, tun %s, UDP port %d",
-                 "client" if router.client else "server", self.tun.name,
-                 self.sock.getsockname()[1])
+        log.info("ready: %s mode, tun %s, %s", "client" if router.client else "server",
+                 self.tun.name, self.describe_udp())
         for service in self.services:
             service.ready(self)
         now = clock()
@@ -165,7 +163,8 @@ class Tunnel:
                 service.close(self)
             poller.close()
             self.tun_pending.close()
-            self.udp_pending.close()
+            if self.udp_pending is not None:
+                self.udp_pending.close()
             signal.set_wakeup_fd(old_wakeup)
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -180,6 +179,27 @@ class Tunnel:
             self.failure = message
         self.running = False
 
+    def udp_watch(self):
+        """(fd, callback) of the UDP side, watched from the start."""
+        self.sock.setblocking(False)
+        return [(self.sock.fileno(), self.on_udp)]
+
+    def describe_udp(self) -> str:
+        return "UDP port %d" % self.sock.getsockname()[1]
+
+    def watch(self, fd: int, callback) -> None:
+        """Watch one more fd from now on (the loop is running)."""
+        self.poller.register(fd, select.EPOLLIN)
+        self.callbacks[fd] = callback
+
+    def unwatch(self, fd: int) -> None:
+        self.poller.unregister(fd)
+        del self.callbacks[fd]
+
+    def tx_route(self, pkt, now: float):
+        """(destination, entry to count on or None) of a packet from the tun, or None."""
+        return self.router.tx_destination(bytes(pkt[16:20]), now)
+
     def housekeeping(self, now: float) -> None:
         store = self.router.store
         if store is not None:
@@ -188,8 +208,9 @@ class Tunnel:
             if store.expired != before:
                 self.counters["peers_expired"] += store.expired - before
         self.router.tick(now)
-        for errors, fd in ((self.tun_errors, self.tun.fd), (self.udp_errors, self.sock.fileno())):
-            if errors.tick() and self.poller is not None:
+        for errors, fd in ((self.tun_errors, self.tun.fd),
+                           (self.udp_errors, self.sock.fileno() if self.sock else None)):
+            if fd is not None and errors.tick() and self.poller is not None:
                 self.poller.register(fd, select.EPOLLIN)
         for service in self.services:
             service.tick(self, now)
@@ -356,6 +377,7 @@ class Tunnel:
         fd, buf, view, hlen = self.tun.fd, self.txbuf, self.txview, self.tun_header_len
         router, counters = self.router, self.counters
         client_auth, send_batches, wire_segments = router.client_auth, self.send_batches, self.wire_segments
+        tx_route = self.tx_route
         pending = self.tun_pending
         now = self.clock()
         more = True
@@ -379,7 +401,7 @@ class Tunnel:
                 counters["tx_drop_" + reason] += 1
                 continue
             total = (pkt[2] << 8) | pkt[3]
-            route = router.tx_destination(bytes(pkt[16:20]), now)
+            route = tx_route(pkt, now)
             if route is None:
                 continue
             dest, entry = route

@@ -37,6 +37,7 @@ from .packet import (
     fold,
     write_ipv4_header,
 )
+from .tiu import UDP_HEADER_LEN, encode_payload, wire_header
 
 VNET_HDR = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 VNET_HDR_LEN = 10
@@ -86,7 +87,7 @@ def _seq_struct(n: int) -> struct.Struct:
 
 
 def tso_split(packet, gso_size: int, max_segments: int = UDP_MAX_SEGMENTS,
-              max_bytes: int = MAX_UDP_PAYLOAD) -> list[tuple[object, int]]:
+              max_bytes: int = MAX_UDP_PAYLOAD, tiu: bool = False) -> list[tuple[object, int]]:
     """Cut a TCP super-packet into ``UDP_SEGMENT`` batches.
 
     *packet* is an IPv4 packet (20-byte header, TCP, already validated) as read
@@ -99,6 +100,9 @@ def tso_split(packet, gso_size: int, max_segments: int = UDP_MAX_SEGMENTS,
     If the payload fits in one piece (or *gso_size* is 0) the result is
     ``[(tcp_segment, len(tcp_segment))]`` with *tcp_segment* a memoryview
     slice of *packet* (no copy).
+
+    With *tiu* the pieces are TCP-in-UDP wire payloads instead (tiu.py: the
+    header words moved, 8 bytes shorter; the sequence number stays at bytes 4-7).
     """
     mv = packet if type(packet) is memoryview else memoryview(packet)
     total = (mv[2] << 8) | mv[3]
@@ -109,9 +113,12 @@ def tso_split(packet, gso_size: int, max_segments: int = UDP_MAX_SEGMENTS,
     doff = (tcp[12] >> 4) << 2
     plen = tcp_len - doff
     if gso_size <= 0 or plen <= gso_size:
+        if tiu:
+            return [(encode_payload(tcp), tcp_len - UDP_HEADER_LEN)]
         return [(tcp, tcp_len)]
 
-    seg_size = doff + gso_size
+    seg_size = doff - UDP_HEADER_LEN + gso_size if tiu else doff + gso_size
+    flags_at = 13 - 12 if tiu else 13  # the flags byte's offset in a piece
     per_batch = min(max_segments, max_bytes // seg_size)
     if per_batch < 1:
         raise ValueError(f"segment of {seg_size} bytes exceeds max_bytes={max_bytes}")
@@ -119,7 +126,7 @@ def tso_split(packet, gso_size: int, max_segments: int = UDP_MAX_SEGMENTS,
     flags = tcp[13]
     hdr = bytearray(tcp[:doff])
     hdr[13] = flags & _MID_MASK
-    hdr = bytes(hdr)
+    hdr = wire_header(hdr) if tiu else bytes(hdr)
     seq0 = _U32.unpack_from(tcp, 4)[0]
     payload = tcp[doff:]
     nseg = -(-plen // gso_size)
@@ -147,9 +154,9 @@ def tso_split(packet, gso_size: int, max_segments: int = UDP_MAX_SEGMENTS,
         batches.append((buf, seg_size))
 
     # FIN/PSH only on the very last piece, CWR only on the very first.
-    batches[0][0][13] = flags & _FIRST_MASK
+    batches[0][0][flags_at] = flags & _FIRST_MASK
     last = batches[-1][0]
-    last[((nseg - 1) % per_batch) * seg_size + 13] = flags & _LAST_MASK
+    last[((nseg - 1) % per_batch) * seg_size + flags_at] = flags & _LAST_MASK
     return batches
 
 

@@ -1,0 +1,590 @@
+"""The I/O edge of the TCP-in-UDP wire mode (``--wire tcp-in-udp``): the UDP
+sockets (one per listen port on a server, one per flow on a client), the
+policy routing that sends the tunnelled TCP into the tun, and the loop's
+TCP-in-UDP variants of the two data paths.  Decisions are in tiumode.py, the
+byte mapping in tiu.py; the loop itself is device.Tunnel's."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import os
+import resource
+import socket
+import struct
+import sys
+
+from pyroute2 import IPRoute
+
+from . import offload as ol
+from . import packet as pk
+from . import tiu
+from .conn import SOL_UDP, UDP_GRO, UDP_SEGMENT, open_udp, probe_udp_offload, set_buffers
+from .device import BATCH, BUFSIZE, RX_BATCH, OffloadTunnel, Tunnel
+from .errors import OperatorError
+from .tiumode import MAX_PORTS, TiuRouter, count_ports, format_ranges, parse_port_ranges
+
+log = logging.getLogger(__name__)
+
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+TABLE_BASE = 7700000  # routing table of a tunnel: this + the tun's ifindex
+RULE_PRIORITY = 1000  # client rules by source address; the others at +1
+FLOW_BUFFER = 4 << 20  # socket buffers of a client flow's socket
+_PORTS = struct.Struct("!HH")
+_PKTINFO = struct.Struct("=I4s4s")
+_ZERO_ADDR = bytes(4)
+
+
+# --------------------------------------------------------------------------- policy routing
+
+
+class PolicyRouting:
+    """A routing table with a default route into the tun and the rules that
+    send the tunnelled TCP there; everything removed by close()."""
+
+    def __init__(self, tun_index: int, table: int | None = None):
+        self.ipr = IPRoute()
+        self.tun_index = tun_index
+        self.table = table or TABLE_BASE + tun_index
+        self.rules: list[dict] = []
+        self.routes: list[dict] = []
+
+    def _add(self, kind: str, spec: dict) -> None:
+        try:
+            getattr(self.ipr, kind)("add", **spec)
+        except Exception as exc:
+            if getattr(exc, "code", None) == errno.EEXIST:
+                return  # left over from a run that was killed: take it over
+            raise OperatorError(f"cannot add the {kind} {_describe(spec)}: {exc}") from None
+        (self.rules if kind == "rule" else self.routes).append(spec)
+
+    def default_route(self, src: str | None = None) -> None:
+        spec = {"dst": "0.0.0.0", "dst_len": 0, "oif": self.tun_index, "table": self.table}
+        if src:
+            spec["prefsrc"] = src
+        self._add("route", spec)
+
+    def rule(self, priority: int, **match) -> None:
+        self._add("rule", {"family": socket.AF_INET, "table": self.table, "priority": priority,
+                           "ip_proto": socket.IPPROTO_TCP, "iifname": "lo", **match})
+
+    def close(self) -> None:
+        for kind, items in (("rule", self.rules), ("route", self.routes)):
+            for spec in reversed(items):
+                try:
+                    getattr(self.ipr, kind)("del", **spec)
+                except Exception as exc:  # gone with the tun, or removed by hand
+                    log.debug("removing %s %s: %s", kind, spec, exc)
+            items.clear()
+        self.ipr.close()
+
+
+def _describe(spec: dict) -> str:
+    return " ".join(f"{k} {v}" for k, v in spec.items() if k != "family")
+
+
+def interface_address(ifname: str) -> str:
+    """The first IPv4 address of *ifname* (the client's inner and outer source)."""
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=ifname)
+        if not index:
+            raise OperatorError(f"no such interface: {ifname}")
+        addrs = ipr.get_addr(index=index[0], family=socket.AF_INET)
+    if not addrs:
+        raise OperatorError(f"--bind-to-interface {ifname} has no IPv4 address: the client's "
+                            "TCP takes it as its source")
+    return addrs[0].get_attr("IFA_ADDRESS")
+
+
+class RpFilter:
+    """No reverse-path filtering on the tun: segments arrive from real addresses
+    that are routed elsewhere (the old value is put back on exit).
+
+    The kernel applies the larger of the tun's and conf/all's rp_filter; where
+    conf/all is not 0 (systemd sets 2), loose filtering still passes segments on
+    an interface with an IPv4 address, so a tun without one gets ANCHOR."""
+
+    ANCHOR = "169.254.77.1/32"
+
+    def __init__(self, tun):
+        self.path = f"/proc/sys/net/ipv4/conf/{tun.name}/rp_filter"
+        self.old = _read(self.path)
+        if self.old not in (None, "0") and not _write(self.path, "0"):
+            log.warning("cannot set %s to 0: segments may be dropped by reverse-path filtering",
+                        self.path)
+        strict = _read("/proc/sys/net/ipv4/conf/all/rp_filter")
+        if strict not in (None, "0") and tun.address is None:
+            log.info("net.ipv4.conf.all.rp_filter is %s: giving %s the address %s so that "
+                     "loose filtering passes its segments", strict, tun.name, self.ANCHOR)
+            tun.add_address(self.ANCHOR)
+
+    def close(self) -> None:
+        if self.old not in (None, "0"):
+            _write(self.path, self.old)  # fails quietly if the tun is gone
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def _write(path: str, value: str) -> bool:
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------- the data paths
+
+
+class _TiuMixin:
+    """What the TCP-in-UDP mode changes in the loop: where a packet from the
+    tun leaves (the socket of its port, or of its flow), the wire payload's
+    layout, and the receive side of every socket."""
+
+    router: TiuRouter
+
+    def setup(self, sockets: dict, device: str, flow_buffer: int = FLOW_BUFFER):
+        self.sockets = sockets  # server: listen port -> socket
+        self.device = device
+        self.flow_buffer = flow_buffer
+        self.rx_payload = self.rx_start + tiu.UDP_HEADER_LEN  # where a wire payload lands
+        self._aton: dict = {}
+        self._pktinfo: dict = {}
+        self.cmsg_space = socket.CMSG_SPACE(4) + socket.CMSG_SPACE(_PKTINFO.size)
+
+    # -- the loop's hooks --------------------------------------------------
+    def udp_watch(self):
+        watched = []
+        for port, sock in self.sockets.items():
+            sock.setblocking(False)
+            watched.append((sock.fileno(), lambda s=sock, p=port: self.on_listen(s, p)))
+        return watched
+
+    def describe_udp(self) -> str:
+        if self.router.client:
+            return "TCP-in-UDP to ports %s" % format_ranges(self.router.ranges)
+        return "TCP-in-UDP on ports %s" % format_ranges(self.router.ranges)
+
+    def tx_route(self, pkt, now: float):
+        router = self.router
+        flow = router.tx_flow(pkt, now)
+        if flow is None:
+            return None
+        if router.client:
+            if flow.sock is None and not self._open_flow(flow):
+                return None
+            return (flow.sock, None, ()), flow
+        sock = self.sockets[(pkt[20] << 8) | pkt[21]]
+        src = bytes(pkt[12:16])
+        cmsg = self._pktinfo.get(src)
+        if cmsg is None:
+            if len(self._pktinfo) > 4096:
+                self._pktinfo.clear()
+            cmsg = self._pktinfo[src] = [(socket.IPPROTO_IP, IP_PKTINFO,
+                                          _PKTINFO.pack(0, src, _ZERO_ADDR))]
+        return (sock, (socket.inet_ntoa(pkt[16:20]), (pkt[22] << 8) | pkt[23]), cmsg), flow
+
+    def wire_segments(self, pkt, total: int):
+        return ((tiu.encode_payload(pkt[20:total]), total - 28),)
+
+    def send_batches(self, batches, dest) -> tuple[int, int]:
+        sock, addr, cmsg = dest
+        gso = getattr(self, "gso", False)
+        packets = nbytes = 0
+        for data, size in batches:
+            n = len(data)
+            try:
+                if n <= size:
+                    parts = ((data, cmsg),)
+                elif gso:
+                    parts = ((data, [*cmsg, (SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))]),)
+                else:
+                    parts = [(data[off:off + size], cmsg) for off in range(0, n, size)]
+                for piece, anc in parts:
+                    if addr is None:
+                        sock.sendmsg((piece,), anc)
+                    else:
+                        sock.sendmsg((piece,), anc, 0, addr)
+            except OSError as exc:
+                self._send_error(exc)
+                continue
+            packets += -(-n // size)
+            nbytes += n
+        self.counters["tx_packets"] += packets
+        self.counters["tx_bytes"] += nbytes
+        return packets, nbytes
+
+    def housekeeping(self, now: float) -> None:
+        for flow in self.router.expire(now):
+            self._close_flow(flow)
+        super().housekeeping(now)
+
+    # -- client flow sockets ---------------------------------------------------
+    def _open_flow(self, flow) -> bool:
+        """The UDP socket of a client flow: bound to the TCP source address and
+        port on the bound interface, connected to the server's address and port."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                             | socket.SOCK_NONBLOCK)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.device.encode())
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(flow.local)
+            sock.connect(flow.remote)
+            set_buffers(sock, self.flow_buffer)
+            if getattr(self, "gro", False):
+                sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+        except OSError as exc:
+            sock.close()
+            self.router.forget(flow)
+            self.router.count_rarely_logged("tx_drop_flow_socket", "cannot open the UDP socket "
+                                            "%s:%d -> %s:%d: %s", *flow.local, *flow.remote,
+                                            exc.strerror)
+            return False
+        flow.sock = sock
+        self.watch(sock.fileno(), lambda: self.on_flow(flow))
+        return True
+
+    def _close_flow(self, flow) -> None:
+        sock, flow.sock = flow.sock, None
+        if sock is not None:
+            self.unwatch(sock.fileno())
+            sock.close()
+
+    def close_flows(self) -> None:
+        for flow in list(self.router.flows.values()):
+            sock, flow.sock = flow.sock, None
+            if sock is not None:
+                sock.close()
+
+    # -- RX, simple path ---------------------------------------------------------
+    def _ip(self, host: str) -> bytes:
+        ip = self._aton.get(host)
+        if ip is None:
+            if len(self._aton) > 4096:
+                self._aton.clear()
+            ip = self._aton[host] = socket.inet_aton(host)
+        return ip
+
+    def _local_ip(self, ancdata, sock) -> bytes:
+        for level, kind, data in ancdata:
+            if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
+                return data[8:12]
+        return self._ip(sock.getsockname()[0])
+
+    def on_listen(self, sock, port: int) -> None:
+        """Server: datagrams to one listen port."""
+        view, recvmsg_into, cmsg_space = self.rxview, sock.recvmsg_into, self.cmsg_space
+        target = (view[self.rx_payload:self.rx_payload + BUFSIZE],)
+        router = self.router
+        now = self.clock()
+        for _ in range(BATCH):
+            try:
+                n, ancdata, _flags, peer = recvmsg_into(target, cmsg_space)
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                self.counters["rx_recv_error"] += 1
+                log.debug("recvmsg: %s", exc)
+                continue
+            reason = tiu.classify_payload(view[self.rx_payload:self.rx_payload + n])
+            if reason is not None:
+                self.counters["rx_drop_" + reason] += 1
+                continue
+            remote_ip, local_ip = self._ip(peer[0]), self._local_ip(ancdata, sock)
+            flow = router.rx_flow(local_ip, remote_ip, port, peer[1], now)
+            if flow is not None:
+                self.deliver_tiu(n, flow, remote_ip, local_ip, _PORTS.pack(peer[1], port))
+
+    def on_flow(self, flow) -> None:
+        """Client: datagrams on a flow's socket (connected: only from its server)."""
+        sock = flow.sock
+        if sock is None:
+            return
+        view, recv_into = self.rxview, sock.recv_into
+        target = view[self.rx_payload:self.rx_payload + BUFSIZE]
+        key = flow.key
+        local_ip, remote_ip, ports = key[0:4], key[4:8], flow.rx_ports
+        flow.last = self.clock()
+        for _ in range(BATCH):
+            try:
+                n = recv_into(target)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # e.g. ICMP port unreachable
+                self.counters["rx_recv_error"] += 1
+                log.debug("recv: %s", exc)
+                continue
+            reason = tiu.classify_payload(view[self.rx_payload:self.rx_payload + n])
+            if reason is not None:
+                self.counters["rx_drop_" + reason] += 1
+                continue
+            self.deliver_tiu(n, flow, remote_ip, local_ip, ports)
+
+    def deliver_tiu(self, n: int, flow, src: bytes, dst: bytes, ports: bytes) -> None:
+        """The wire payload of *n* bytes at rx_payload becomes a TCP segment in
+        front of it and is written to the tun, with its TCP checksum."""
+        start, buf = self.rx_start, self.rxbuf
+        tiu.decode_in_place(buf, start, n, ports)
+        seg_len = n + tiu.UDP_HEADER_LEN
+        pk.build_rx_packet(buf, seg_len, self.router.next_ident(), src, dst,
+                           start - pk.IPV4_HEADER_LEN)
+        try:
+            self.tun_write(self.rxview[:start + seg_len])
+        except OSError as exc:
+            self.counters["rx_drop_write_error"] += 1
+            log.debug("tun write: %s", exc)
+            return
+        self._count_received(flow, 1, seg_len)
+
+    def tun_write(self, data) -> None:
+        os.write(self.tun.fd, data)
+
+
+class TiuTunnel(_TiuMixin, Tunnel):
+    """The simple path in TCP-in-UDP mode."""
+
+    def __init__(self, router: TiuRouter, tun, sockets: dict, device: str, services=()):
+        super().__init__(router, tun, None, services=services)
+        self.setup(sockets, device)
+
+
+class TiuOffloadTunnel(_TiuMixin, OffloadTunnel):
+    """The offload path in TCP-in-UDP mode: TSO super-packets cut into wire
+    payloads (sent with UDP GSO per socket), GRO buffers coalesced again."""
+
+    def __init__(self, router: TiuRouter, tun, sockets: dict, device: str, gso: bool,
+                 gro: bool, services=()):
+        super().__init__(router, tun, None, gso, gro, services=services)
+        self.setup(sockets, device)
+
+    def wire_segments(self, pkt, total: int):
+        if self.txbuf[1] == ol.GSO_NONE:
+            return ((tiu.encode_payload(pkt[20:total]), total - 28),)
+        gso_type, gso_size = self._unpack_vnet(self.txbuf, 0)[1:4:2]
+        if gso_type & ~ol.GSO_ECN == ol.GSO_TCPV4 and gso_size:
+            return ol.tso_split(pkt[:total], gso_size, tiu=True)
+        self.counters["tx_drop_unsupported_gso"] += 1
+        return None
+
+    def _drain(self, sock, local_ip_of, flow_of, ports_of):
+        """Read what *sock* holds (GRO buffers or single datagrams) and write it
+        to the tun as coalesced super-packets."""
+        view, counters, router = self.rxview, self.counters, self.router
+        recvmsg_into, cmsg_space = sock.recvmsg_into, self.cmsg_space
+        classify, decode = tiu.classify_payload, tiu.decode_payload
+        now = self.clock()
+        groups = []  # [flow, remote ip, local ip, [segments]]
+        off = self.rx_start
+        limit = len(view) - BUFSIZE
+        for _ in range(RX_BATCH):
+            if off > limit:
+                break
+            try:
+                n, ancdata, _flags, peer = recvmsg_into((view[off:off + BUFSIZE],), cmsg_space)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                counters["rx_recv_error"] += 1
+                log.debug("recvmsg: %s", exc)
+                continue
+            seg_size = 0
+            for level, kind, data in ancdata:
+                if level == SOL_UDP and kind == UDP_GRO:
+                    seg_size = int.from_bytes(data[:4], sys.byteorder)
+            payloads = ol.split_gro(view[off:off + n], n, seg_size) if n else (view[off:off],)
+            off += n
+            good = []
+            for p in payloads:
+                reason = classify(p)
+                if reason is None:
+                    good.append(p)
+                else:
+                    counters["rx_drop_" + reason] += 1
+            if not good:
+                continue
+            local_ip = local_ip_of(ancdata)
+            remote_ip = self._ip(peer[0])
+            if groups and groups[-1][1] == remote_ip and groups[-1][4] == peer[1] \
+                    and groups[-1][2] == local_ip:
+                groups[-1][3].extend(good)
+                continue
+            flow = flow_of(local_ip, remote_ip, peer[1], now, len(good))
+            if flow is None:
+                continue
+            groups.append([flow, remote_ip, local_ip, good, peer[1]])
+        fd = self.tun.fd
+        for flow, remote_ip, local_ip, payloads, _port in groups:
+            ports = ports_of(flow)
+            segments = [decode(p, ports) for p in payloads]
+            npackets, nbytes = len(segments), sum(map(len, segments))
+            for out in ol.coalesce(segments, remote_ip, local_ip, router.next_ident):
+                try:
+                    os.write(fd, out)
+                except OSError as exc:
+                    lost, lost_bytes = ol.wire_size(out)
+                    counters["rx_drop_write_error"] += lost
+                    npackets -= lost
+                    nbytes -= lost_bytes
+                    log.debug("tun write: %s", exc)
+            flow.last = now
+            self._count_received(flow, npackets, nbytes)
+
+    def on_listen(self, sock, port: int) -> None:
+        router = self.router
+        self._drain(sock, lambda anc: self._local_ip(anc, sock),
+                    lambda local_ip, remote_ip, rport, now, count:
+                    router.rx_flow(local_ip, remote_ip, port, rport, now, count),
+                    lambda flow: flow.rx_ports)
+
+    def on_flow(self, flow) -> None:
+        sock = flow.sock
+        if sock is None:
+            return
+        key = flow.key
+        self._drain(sock, lambda anc: key[0:4], lambda *_: flow, lambda f: f.rx_ports)
+
+
+# --------------------------------------------------------------------------- start-up
+
+
+def open_listen_sockets(ranges, device: str, address: str) -> dict:
+    """Server: one UDP socket per listen port, with IP_PKTINFO (the address
+    each datagram was sent to)."""
+    needed = count_ports(ranges) + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard) if hard !=
+                                                        resource.RLIM_INFINITY else needed, hard))
+        except (ValueError, OSError):
+            pass
+    sockets = {}
+    try:
+        for lo, hi in ranges:
+            for port in range(lo, hi + 1):
+                try:
+                    sock = open_udp(port, device, address,
+                                    buffer=FLOW_BUFFER if len(sockets) < 16 else 1 << 20)
+                except OSError as exc:
+                    if exc.errno == errno.EMFILE:
+                        raise OperatorError(f"cannot open {count_ports(ranges)} UDP sockets: too "
+                                            "many open files (raise the limit, ulimit -n)") from None
+                    raise
+                sockets[port] = sock
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+    except BaseException:
+        for sock in sockets.values():
+            sock.close()
+        raise
+    return sockets
+
+
+def port_ranges(option: str, items) -> list:
+    try:
+        ranges = parse_port_ranges(items)
+    except ValueError as exc:
+        raise OperatorError(f"{option}: {exc}") from None
+    if count_ports(ranges) > MAX_PORTS:
+        raise OperatorError(f"{option}: {count_ports(ranges)} ports, at most {MAX_PORTS} "
+                            "(one socket each)")
+    return ranges
+
+
+def run(args, mtu: int | None, services_for) -> None:
+    """Start the TCP-in-UDP mode with the parsed command line; returns when it stopped."""
+    from .tun import Tun
+
+    client = args.endpoint_port is not None
+    if client:
+        if args.listen_port is not None:
+            raise OperatorError("--listen-port: a --wire tcp-in-udp client has none (each flow "
+                                "leaves from its TCP source port)")
+        ranges = port_ranges("--endpoint-port", args.endpoint_port_all)
+        if not args.route:
+            raise OperatorError("--wire tcp-in-udp as a client needs --route PREFIX: the "
+                                "servers whose ports are tunnelled")
+        prefixes = []
+        for cidr in args.route:
+            try:
+                prefixes.append(ipaddress.IPv4Network(cidr, strict=False))
+            except ValueError:
+                raise OperatorError(f"--route {cidr!r} is not an IPv4 prefix") from None
+        source = interface_address(args.bind_to_interface)
+        sockets = {}
+    else:
+        if args.listen_port is None:
+            raise OperatorError("--wire tcp-in-udp as a server needs --listen-port: the "
+                                "tunnelled TCP ports")
+        ranges = port_ranges("--listen-port", args.listen_port_all)
+        sockets = open_listen_sockets(ranges, args.bind_to_interface, args.listen_address)
+    tun = routing = rp = None
+    router = TiuRouter(client, ranges, args.peer_timeout, args.max_peers, args.admission_rate)
+    tunnel = None
+    try:
+        offload = not args.no_offload
+        tun = Tun(args.interface, vnet_hdr=offload)
+        if offload and not tun.enable_offload():
+            tun.close()
+            tun, offload = None, False
+            tun = Tun(args.interface)
+        tun.configure(mtu)
+        if args.tun_address:
+            tun.add_address(args.tun_address)
+        tun.refresh_address()
+        rp = RpFilter(tun)
+        routing = PolicyRouting(tun.index)
+        if client:
+            routing.default_route(src=source)
+            for net in prefixes:
+                for lo, hi in ranges:
+                    # by source first (a second path's subflows bound to its address),
+                    # then any source (new connections)
+                    routing.rule(RULE_PRIORITY, src=source, src_len=32, dst=str(net.network_address),
+                                 dst_len=net.prefixlen, dport_range=f"{lo}:{hi}")
+                    routing.rule(RULE_PRIORITY + 1, dst=str(net.network_address),
+                                 dst_len=net.prefixlen, dport_range=f"{lo}:{hi}")
+        else:
+            routing.default_route()
+            for lo, hi in ranges:
+                routing.rule(RULE_PRIORITY + 1, sport_range=f"{lo}:{hi}")
+        services = services_for(mtu)
+        if offload:
+            probe = next(iter(sockets.values()), None)
+            if probe is None:
+                probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                try:
+                    gso, gro = probe_udp_offload(probe)
+                finally:
+                    probe.close()
+            else:
+                gso, gro = probe_udp_offload(probe)
+                for sock in sockets.values():
+                    if gro:
+                        sock.setsockopt(SOL_UDP, UDP_GRO, 1)
+            tunnel = TiuOffloadTunnel(router, tun, sockets, args.bind_to_interface, gso, gro,
+                                      services=services)
+        else:
+            tunnel = TiuTunnel(router, tun, sockets, args.bind_to_interface, services=services)
+        log.info("wire: tcp-in-udp, %s %s; data path: %s", "client to ports" if client else
+                 "server on ports", format_ranges(ranges), tunnel.data_path)
+        tunnel.run()
+        tunnel.log_counters()
+    finally:
+        if tunnel is not None:
+            tunnel.close_flows()
+        if routing is not None:
+            routing.close()
+        if rp is not None:
+            rp.close()
+        if tun is not None:
+            tun.close()
+        for sock in sockets.values():
+            sock.close()
