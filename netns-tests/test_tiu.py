@@ -5,6 +5,7 @@ crossed it: the tunnelled ports only as UDP, the others as plain TCP."""
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 
@@ -127,6 +128,15 @@ def test_several_flows_at_once(tiu: TiuPair):
                                          (7007, "upload"), (7008, "download"))]
     results = [t.wait() for t in transfers]
     assert len({r["client"]["local_port"] for r in results}) == 6
+    # status lists the flows by their real addresses and ports
+    doc = json.loads(tiu.s.run(sys.executable, "-m", "udp_encap_tun", "status", "--interface",
+                               tiu.stun, "--json").stdout)
+    assert doc["wire"] == "tcp-in-udp" and doc["ports"] == PORTS and doc["flow_count"] >= 6
+    remotes = {f["remote"] for f in doc["flows"]}
+    assert {f"{CLIENT_IP}:{r['client']['local_port']}" for r in results} <= remotes, doc
+    text = tiu.c.run(sys.executable, "-m", "udp_encap_tun", "status", "--interface",
+                     tiu.ctun).stdout
+    assert "flows:" in text and f"{SERVER_IP}:7003" in text, text
     server = tiu.server.stop()
     assert_clean(server)
     assert server["flows_added"] >= 6
@@ -187,3 +197,22 @@ def test_refused_options(lab, extra, needle):
     assert_operator_error(result, needle)
     assert ns.links() == links
     assert "ipproto" not in ns.run("ip", "rule").stdout
+
+
+def test_hostile_datagrams_are_counted_and_dropped(tiu: TiuPair):
+    """Datagrams that cannot be a segment, or carry URG, are counted by reason;
+    valid-looking ones from spoofed flows are bounded by the admission rate; the
+    tunnel keeps working."""
+    junk = [b"", b"\x50" * 5, bytes([0x40, 0x10]) + bytes(10),  # too short, too short, doff 4
+            bytes([0xF0, 0x10]) + bytes(10),  # doff 60 bytes, 20 there
+            bytes([0x50, 0x30]) + bytes(10)]  # URG
+    with tiu.c.socket() as sock:
+        for i, payload in enumerate(junk * 20):
+            sock.sendto(payload, (SERVER_IP, 7000 + i % 10))
+    wait_for(lambda: tiu.server.counters().get("rx_drop_urgent", 0) >= 20, 20,
+             what="the junk to be counted")
+    counters = tiu.server.counters()
+    assert counters["rx_drop_too_short"] == 40 and counters["rx_drop_bad_data_offset"] == 40
+    assert counters.get("flows_added", 0) == 0 and counters.get("rx_packets", 0) == 0, counters
+    tiu.lab.transfer(tiu.s, tiu.c, SERVER_IP, 7001, "download", MB)
+    assert_clean(tiu.server.stop())

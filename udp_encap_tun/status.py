@@ -89,7 +89,7 @@ def describe_head(tunnel, now: float, wall: float, started: float | None = None,
     router, tun, store = tunnel.router, tunnel.tun, tunnel.router.store
     try:
         listen_address, listen_port = tunnel.sock.getsockname()[:2]
-    except OSError:
+    except (OSError, AttributeError):  # no single socket (tcp-in-udp)
         listen_address, listen_port = None, None
     tun_address = (f"{_ntoa(tun.address)}/{tun.network.prefixlen}"
                    if tun.address and tun.network is not None else None)
@@ -99,10 +99,11 @@ def describe_head(tunnel, now: float, wall: float, started: float | None = None,
         "pid": os.getpid(),
         "interface": tun.name,
         "mode": "client" if router.client else "server",
-        "bind_interface": _bound_device(tunnel.sock),
+        "bind_interface": (_bound_device(tunnel.sock) if tunnel.sock is not None
+                           else getattr(tunnel, "device", None)),
         "listen_address": listen_address,
         "listen_port": listen_port,
-        "endpoint_port": router.endpoint_port,
+        "endpoint_port": getattr(router, "endpoint_port", None),
         "tun_address": tun_address,
         "mss_clamp": router.mss,
         "data_path": tunnel.data_path,
@@ -118,7 +119,9 @@ def describe_head(tunnel, now: float, wall: float, started: float | None = None,
         doc.update(bind_interface=links.bind_name, bind_interface_present=links.bind_present,
                    link_mtu=links.bind_mtu, mtu=links.tun_mtu)
     doc.update(extra or {})
-    if router.client:
+    if hasattr(tunnel, "describe_flows"):  # tcp-in-udp: flows, no peers or servers
+        doc.update(tunnel.describe_flows(now))
+    elif router.client:
         doc["servers"] = client_servers(router, now)
     else:
         doc["peer_timeout"] = router.timeout
@@ -421,13 +424,19 @@ def render_text(doc: dict) -> str:
     if doc.get("endpoint_port") is not None:
         udp += f", sends to each destination's UDP port {doc['endpoint_port']}"
     facts = [("UDP socket", udp)]
+    if doc.get("wire") == "tcp-in-udp":
+        facts = [("wire", f"tcp-in-udp, {'to' if doc['mode'] == 'client' else 'on'} ports "
+                          f"{doc['ports']} on {doc.get('bind_interface')}")]
     tun = doc.get("tun_address") or "no address"
     if doc.get("mtu"):
         tun += f", MTU {doc['mtu']}"
     tun += f", MSS clamp {doc['mss_clamp']}" if doc.get("mss_clamp") else ", MSS clamp off"
     facts.append(("tun", tun))
     facts.append(("data path", doc.get("data_path", "?")))
-    if doc["mode"] == "server":
+    if doc.get("wire") == "tcp-in-udp":
+        facts.append(("flows", f"{doc['flow_count']} (at most {doc['max_flows']}; forgotten "
+                               f"after {doc['flow_timeout']:g}s without a packet)"))
+    elif doc["mode"] == "server":
         peers = doc.get("peers", [])
         if doc.get("pool"):
             pool = f"pool {doc['pool']}, {doc['pool_capacity']} addresses"
@@ -449,6 +458,17 @@ def render_text(doc: dict) -> str:
                          format_bytes(p["rx_bytes"]), p["tx_packets"], format_bytes(p["tx_bytes"])))
         lines.append("")
         lines += _table(rows, "llrrrrrr")
+    elif doc.get("flows"):
+        rows = [("LOCAL", "REMOTE", "LAST PACKET", "AGE", "RX PACKETS", "RX BYTES",
+                 "TX PACKETS", "TX BYTES")]
+        for f in doc["flows"]:
+            rows.append((f["local"], f["remote"], format_duration(f["last"]) + " ago",
+                         format_duration(f["age"]), f["rx_packets"], format_bytes(f["rx_bytes"]),
+                         f["tx_packets"], format_bytes(f["tx_bytes"])))
+        lines.append("")
+        lines += _table(rows, "llrrrrrr")
+        if doc["flow_count"] > len(doc["flows"]):
+            lines.append(f"  ({doc['flow_count'] - len(doc['flows'])} older flows not shown)")
     elif doc["mode"] == "client" and doc.get("servers"):
         rows = [("SERVER", "LAST SENT", "LAST HEARD", "AUTHENTICATION")]
         rows += [(s["server"], _ago_text(s.get("last_sent")), _ago_text(s.get("last_heard")),

@@ -7,6 +7,7 @@ byte mapping in tiu.py; the loop itself is device.Tunnel's."""
 from __future__ import annotations
 
 import errno
+import itertools
 import ipaddress
 import logging
 import os
@@ -20,7 +21,8 @@ from pyroute2 import IPRoute
 from . import offload as ol
 from . import packet as pk
 from . import tiu
-from .conn import SOL_UDP, UDP_GRO, UDP_SEGMENT, open_udp, probe_udp_offload, set_buffers
+from .conn import (SOL_UDP, UDP_GRO, UDP_SEGMENT, open_udp, probe_udp_offload, set_buffers,
+                   set_path_mtu_discovery)
 from .device import BATCH, BUFSIZE, RX_BATCH, OffloadTunnel, Tunnel
 from .errors import OperatorError
 from .tiumode import MAX_PORTS, TiuRouter, count_ports, format_ranges, parse_port_ranges
@@ -30,6 +32,7 @@ log = logging.getLogger(__name__)
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 TABLE_BASE = 7700000  # routing table of a tunnel: this + the tun's ifindex
 RULE_PRIORITY = 1000  # client rules by source address; the others at +1
+SHOWN_FLOWS = 256  # flows listed in the status document (the newest)
 FLOW_BUFFER = 4 << 20  # socket buffers of a client flow's socket
 _PORTS = struct.Struct("!HH")
 _PKTINFO = struct.Struct("=I4s4s")
@@ -181,7 +184,7 @@ class _TiuMixin:
         if router.client:
             if flow.sock is None and not self._open_flow(flow):
                 return None
-            return (flow.sock, None, ()), flow
+            return (flow.sock, None, (), flow.remote), flow
         sock = self.sockets[(pkt[20] << 8) | pkt[21]]
         src = bytes(pkt[12:16])
         cmsg = self._pktinfo.get(src)
@@ -190,13 +193,14 @@ class _TiuMixin:
                 self._pktinfo.clear()
             cmsg = self._pktinfo[src] = [(socket.IPPROTO_IP, IP_PKTINFO,
                                           _PKTINFO.pack(0, src, _ZERO_ADDR))]
-        return (sock, (socket.inet_ntoa(pkt[16:20]), (pkt[22] << 8) | pkt[23]), cmsg), flow
+        addr = (socket.inet_ntoa(pkt[16:20]), (pkt[22] << 8) | pkt[23])
+        return (sock, addr, cmsg, addr), flow
 
     def wire_segments(self, pkt, total: int):
         return ((tiu.encode_payload(pkt[20:total]), total - 28),)
 
     def send_batches(self, batches, dest) -> tuple[int, int]:
-        sock, addr, cmsg = dest
+        sock, addr, cmsg, peer = dest
         gso = getattr(self, "gso", False)
         packets = nbytes = 0
         for data, size in batches:
@@ -214,7 +218,7 @@ class _TiuMixin:
                     else:
                         sock.sendmsg((piece,), anc, 0, addr)
             except OSError as exc:
-                self._send_error(exc)
+                self._send_error(exc, peer, min(n, size))
                 continue
             packets += -(-n // size)
             nbytes += n
@@ -226,6 +230,23 @@ class _TiuMixin:
         for flow in self.router.expire(now):
             self._close_flow(flow)
         super().housekeeping(now)
+
+    def describe_flows(self, now: float) -> dict:
+        """The status document's part of this mode: the newest SHOWN_FLOWS flows
+        (O(SHOWN_FLOWS), whatever the table holds) and how many there are."""
+        router = self.router
+        flows = router.flows
+        shown = []
+        for f in itertools.islice(reversed(flows.values()), SHOWN_FLOWS):
+            (lhost, lport), (rhost, rport) = f.local, f.remote
+            shown.append({"local": f"{lhost}:{lport}", "remote": f"{rhost}:{rport}",
+                          "last": round(max(0.0, now - f.last), 1),
+                          "age": round(max(0.0, now - f.created), 1),
+                          "rx_packets": f.rx_packets, "rx_bytes": f.rx_bytes,
+                          "tx_packets": f.tx_packets, "tx_bytes": f.tx_bytes})
+        return {"wire": "tcp-in-udp", "ports": format_ranges(router.ranges),
+                "flow_timeout": router.timeout, "max_flows": router.max_flows,
+                "flow_count": len(flows), "flows": shown}
 
     # -- client flow sockets ---------------------------------------------------
     def _open_flow(self, flow) -> bool:
@@ -239,6 +260,7 @@ class _TiuMixin:
             sock.bind(flow.local)
             sock.connect(flow.remote)
             set_buffers(sock, self.flow_buffer)
+            set_path_mtu_discovery(sock)
             if getattr(self, "gro", False):
                 sock.setsockopt(SOL_UDP, UDP_GRO, 1)
         except OSError as exc:
@@ -246,7 +268,7 @@ class _TiuMixin:
             self.router.forget(flow)
             self.router.count_rarely_logged("tx_drop_flow_socket", "cannot open the UDP socket "
                                             "%s:%d -> %s:%d: %s", *flow.local, *flow.remote,
-                                            exc.strerror)
+                                            exc.strerror, now=self.clock())
             return False
         flow.sock = sock
         self.watch(sock.fileno(), lambda: self.on_flow(flow))

@@ -26,7 +26,7 @@ import struct
 from dataclasses import dataclass
 
 from . import auth
-from .core import Counters
+from .core import Counters, Router, Warnings
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ class TiuRouter:
         self.admission = auth.TokenBucket(admission_rate, max(1.0, admission_rate))
         self.ident = 0
         self.tun_address = None
+        self.warnings = Warnings()
 
     # the loop's Router interface
     def set_tun_address(self, address, network) -> None:
@@ -131,11 +132,10 @@ class TiuRouter:
     def tick(self, now: float) -> None:
         pass
 
-    def count_rarely_logged(self, name: str, message: str, *args, amount: int = 1) -> None:
-        before = self.counters[name]
-        count = self.counters[name] = before + amount
-        if count.bit_length() > before.bit_length():
-            log.warning(message + " (%d so far)", *args, count)
+    # the default mode's rate-limited warnings and send-error accounting
+    warn = Router.warn
+    count_rarely_logged = Router.count_rarely_logged
+    send_failed = Router.send_failed
 
     # -- flows ---------------------------------------------------------------
     def _new_flow(self, key: bytes, now: float, direction: str, count: int = 1) -> Flow | None:
@@ -144,7 +144,7 @@ class TiuRouter:
             if len(self.flows) >= self.max_flows:
                 self.count_rarely_logged(direction + "_drop_flows_full",
                                          "refusing a new flow: --max-peers flows exist",
-                                         amount=count)
+                                         now=now, amount=count)
                 return None
         flow = self.flows[key] = Flow(key, now, now)
         self.counters["flows_added"] += 1
@@ -180,7 +180,7 @@ class TiuRouter:
                 self.count_rarely_logged("rx_drop_admission_rate", "refusing a new flow from "
                                          "%s:%d: more new flows than --admission-rate allows",
                                          str(ipaddress.IPv4Address(remote_ip)), remote_port,
-                                         amount=count)
+                                         now=now, peer=remote_ip, amount=count)
                 return None
             flow = self._new_flow(key, now, "rx", count)
             if flow is None:

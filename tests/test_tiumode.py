@@ -1,0 +1,117 @@
+"""Sans-IO parts of the TCP-in-UDP mode: port ranges, flows, TSO split into
+wire payloads (no root)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from udp_encap_tun import packet as P
+from udp_encap_tun import tiu
+from udp_encap_tun.cli import parse_args
+from udp_encap_tun.offload import tso_split
+from udp_encap_tun.tiumode import (PortRangeError, TiuRouter, count_ports, format_ranges,
+                                   parse_port_ranges)
+
+LOCAL, REMOTE = bytes([192, 0, 2, 2]), bytes([192, 0, 2, 1])
+
+
+def test_port_ranges_merge_and_validate():
+    assert parse_port_ranges(["7000-7009", 7010, "5000,5001 5003"]) == \
+        [(5000, 5001), (5003, 5003), (7000, 7010)]
+    assert count_ports([(5000, 5001), (7000, 7010)]) == 13
+    assert format_ranges([(5000, 5000), (7000, 7010)]) == "5000,7000-7010"
+    for bad in ("0", "70000", "9000-8000", "a-b", "1-"):
+        with pytest.raises(PortRangeError):
+            parse_port_ranges([bad])
+
+
+def ipv4_tcp(src, dst, sport, dport, flags=P.ACK, payload=b"") -> bytearray:
+    seg = struct.pack("!HHIIBBHHH", sport, dport, 1, 2, 0x50, flags, 100, 0, 0) + payload
+    buf = bytearray(20) + seg
+    P.write_ipv4_header(buf, 0, len(buf), 1, src, dst)
+    return buf
+
+
+def test_server_flows_admitted_bounded_and_expired():
+    router = TiuRouter(False, [(7000, 7009)], timeout=10, max_flows=2, admission_rate=1000)
+    a = router.rx_flow(LOCAL, REMOTE, 7001, 40000, now=0.0)
+    assert a is not None and a.remote == ("192.0.2.1", 40000) and a.local == ("192.0.2.2", 7001)
+    assert router.rx_flow(LOCAL, REMOTE, 7001, 40000, now=1.0) is a  # known: same flow
+    # TX of the server's TCP reply finds the same flow (key = packet[12:24])
+    assert router.tx_flow(ipv4_tcp(LOCAL, REMOTE, 7001, 40000), now=2.0) is a
+    assert a.rx_ports == struct.pack("!HH", 40000, 7001)
+    assert router.rx_flow(LOCAL, REMOTE, 7002, 40001, now=2.0) is not None
+    assert router.rx_flow(LOCAL, REMOTE, 7003, 40002, now=3.0) is None  # full
+    assert router.counters["rx_drop_flows_full"] == 1
+    # idle flows go after the timeout, then there is room again
+    assert {f.local[1] for f in router.expire(now=12.5)} == {7001, 7002}
+    assert router.counters["flows_expired"] == 2 and not router.flows
+    assert router.rx_flow(LOCAL, REMOTE, 7003, 40002, now=13.0) is not None
+
+
+def test_new_flows_are_rate_limited():
+    router = TiuRouter(False, [(7000, 7000)], admission_rate=2)
+    got = [router.rx_flow(LOCAL, REMOTE, 7000, port, now=0.0) for port in range(40000, 40005)]
+    assert sum(f is not None for f in got) == 2
+    assert router.counters["rx_drop_admission_rate"] == 3
+
+
+def test_tx_only_tunnelled_ports_and_no_urgent():
+    server = TiuRouter(False, [(7000, 7009)])
+    assert server.tx_flow(ipv4_tcp(LOCAL, REMOTE, 8000, 40000), now=0.0) is None
+    assert server.counters["tx_drop_not_tunnelled_port"] == 1
+    assert server.tx_flow(ipv4_tcp(LOCAL, REMOTE, 7000, 40000, P.ACK | P.URG), now=0.0) is None
+    assert server.counters["tx_drop_urgent"] == 1
+    client = TiuRouter(True, [(7000, 7009)])
+    # the client's flows go by destination port; the key's local side is the source
+    flow = client.tx_flow(ipv4_tcp(REMOTE, LOCAL, 40000, 7005), now=0.0)
+    assert flow.local == ("192.0.2.1", 40000) and flow.remote == ("192.0.2.2", 7005)
+    assert client.tx_flow(ipv4_tcp(REMOTE, LOCAL, 7005, 40000), now=0.0) is None
+
+
+def test_tso_split_into_wire_payloads():
+    """A super-packet cut for the TCP-in-UDP wire: each piece is exactly the
+    wire payload of the segment the default split makes."""
+    payload = bytes(range(256)) * 40  # 10240 bytes
+    opts = bytes([1, 1, 8, 10]) + struct.pack("!II", 5, 6)
+    seg = struct.pack("!HHIIBBHHH", 40000, 7001, 2**32 - 3000, 9, 0x80, P.ACK | P.PSH | P.CWR,
+                      500, 0x1234, 0) + opts + payload
+    packet = bytearray(20) + seg
+    P.write_ipv4_header(packet, 0, len(packet), 1, LOCAL, REMOTE)
+    plain = tso_split(packet, 1000, max_segments=4)
+    wire = tso_split(packet, 1000, max_segments=4, tiu=True)
+    assert len(plain) == len(wire) == 3
+    for (pbuf, psize), (wbuf, wsize) in zip(plain, wire):
+        assert wsize == psize - 8
+        pieces = [bytes(pbuf[o:o + psize]) for o in range(0, len(pbuf), psize)]
+        assert bytes(wbuf) == b"".join(tiu.encode_payload(p) for p in pieces)
+    # small packets are one wire payload
+    small = bytearray(20) + seg[:40]
+    P.write_ipv4_header(small, 0, len(small), 1, LOCAL, REMOTE)
+    assert tso_split(small, 1000, tiu=True) == [(tiu.encode_payload(seg[:40]), 32)]
+
+
+def test_cli_wire_options():
+    args = parse_args(["--wire", "tcp-in-udp", "--interface", "t0", "--bind-to-interface",
+                       "eth0", "--listen-port", "7000-7009", "--listen-port", "8000"])
+    assert args.listen_port_all == ["7000-7009", 8000]
+    # the default format keeps one port, as before
+    args = parse_args(["--interface", "t0", "--bind-to-interface", "eth0", "--listen-port", "5000"])
+    assert args.listen_port == 5000 and args.wire == "udp-encap-tun"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--wire", "tcp-in-udp", "--listen-port", "7000", "--psk-file", "k"], "--psk-file"),
+    (["--wire", "tcp-in-udp", "--endpoint-port", "7000", "--keepalive", "5"], "--keepalive"),
+    (["--listen-port", "5000-5001"], "--listen-port"),
+    (["--listen-port", "5000", "--listen-port", "5001"], "--listen-port"),
+    (["--wire", "tcp-in-udp", "--listen-port", "9-8"], "--listen-port"),
+])
+def test_cli_refuses_in_one_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exc:
+        parse_args(["--interface", "t0", "--bind-to-interface", "eth0", *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
