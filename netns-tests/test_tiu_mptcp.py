@@ -14,6 +14,7 @@ import sys
 
 import pytest
 
+from uetlab import DATAPATHS
 from mptcp_helpers import LINKS, SERVER_ADDR, BondLab, skip_reason, wait_for
 
 MB = 1 << 20
@@ -26,7 +27,7 @@ TUNS = {"tunA": "wan0", "tunB": "wan1"}
 def start(lab: BondLab, ns, run, tun: str, *args) -> None:
     run.mkdir(parents=True, exist_ok=True)
     proc = ns.popen([sys.executable, "-m", "udp_encap_tun", "--wire", "tcp-in-udp",
-                     "--interface", tun, *args], run / f"{tun}.log")
+                     "--interface", tun, *args, *lab.datapath_args], run / f"{tun}.log")
     lab.procs.append(proc)
     (run / f"{tun}.pid").write_text(str(proc.pid))
     wait_for(lambda: "ready:" in lab.tunnel_log(tun) or proc.poll() is not None, 20,
@@ -34,12 +35,13 @@ def start(lab: BondLab, ns, run, tun: str, *args) -> None:
     assert proc.poll() is None, lab.tunnel_log(tun)
 
 
-@pytest.fixture
-def lab(tmp_path):
+@pytest.fixture(params=["offload", "simple"])
+def lab(request, tmp_path):
     reason = skip_reason()
     if reason:
         pytest.skip(reason)
     lab = BondLab(tmp_path)
+    lab.datapath_args = DATAPATHS[request.param]
     try:
         for ns in (lab.c, lab.s):
             ns.sysctl("net.mptcp.enabled", 1)
