@@ -134,7 +134,7 @@ class Tunnel:
             callbacks[fd] = callback
         self.running = True
         clock, poll, router = self.clock, poller.poll, self.router
-        udp_fd, epollerr = self.sock.fileno(), select.EPOLLERR
+        udp_fd, epollerr = self.sock.fileno() if self.sock else -1, select.EPOLLERR
         next_housekeeping = clock() + HOUSEKEEPING
         log.info("ready: %s mode, tun %s, %s", "client" if router.client else "server",
                  self.tun.name, self.describe_udp())

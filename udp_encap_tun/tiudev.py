@@ -162,6 +162,7 @@ class _TiuMixin:
         self._aton: dict = {}
         self._pktinfo: dict = {}
         self.cmsg_space = socket.CMSG_SPACE(4) + socket.CMSG_SPACE(_PKTINFO.size)
+        self.tun_mtu = None  # for the status document
 
     # -- the loop's hooks --------------------------------------------------
     def udp_watch(self):
@@ -244,7 +245,7 @@ class _TiuMixin:
                           "age": round(max(0.0, now - f.created), 1),
                           "rx_packets": f.rx_packets, "rx_bytes": f.rx_bytes,
                           "tx_packets": f.tx_packets, "tx_bytes": f.tx_bytes})
-        return {"wire": "tcp-in-udp", "ports": format_ranges(router.ranges),
+        return {"wire": "tcp-in-udp", "ports": format_ranges(router.ranges), "mtu": self.tun_mtu,
                 "flow_timeout": router.timeout, "max_flows": router.max_flows,
                 "flow_count": len(flows), "flows": shown}
 
@@ -593,6 +594,7 @@ def run(args, mtu: int | None, services_for) -> None:
                                       services=services)
         else:
             tunnel = TiuTunnel(router, tun, sockets, args.bind_to_interface, services=services)
+        tunnel.tun_mtu = mtu
         log.info("wire: tcp-in-udp, %s %s; data path: %s", "client to ports" if client else
                  "server on ports", format_ranges(ranges), tunnel.data_path)
         tunnel.run()
