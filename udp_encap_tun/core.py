@@ -79,9 +79,10 @@ class Warnings:
 class ServerState:
     """Client: what we know of one server (host, port)."""
 
-    __slots__ = ("last_sent", "last_heard", "silent_since", "silence_warned")
+    __slots__ = ("src", "last_sent", "last_heard", "silent_since", "silence_warned")
 
-    def __init__(self):
+    def __init__(self, host: str):
+        self.src = socket.inet_aton(host)  # what its segments get as IPv4 source
         self.last_sent: float | None = None  # anything: data, keepalive, handshake
         self.last_heard: float | None = None  # any datagram from it
         self.silent_since: float | None = None  # a send after which nothing came back
@@ -197,7 +198,7 @@ class Router:
             self.servers.clear()
         route = self._routes[bytes(dst)] = ((socket.inet_ntoa(dst), self.endpoint_port), None)
         if route[0] not in self.servers:
-            self.servers[route[0]] = ServerState()
+            self.servers[route[0]] = ServerState(route[0][0])
         return route
 
     # -- RX: UDP -> tun -----------------------------------------------------
@@ -211,19 +212,23 @@ class Router:
             server = self.servers.get(peer)
             if server is not None:
                 server.last_heard = now
-        if dst is None:
-            self._no_tun_address(peer, now, count)
-            return None
-        if self.client:
-            src = self._aton.get(peer[0])
-            if src is None:
-                if len(self._aton) > 4096:
-                    self._aton.clear()
-                src = self._aton[peer[0]] = socket.inet_aton(peer[0])
+                src = server.src
+            else:  # not a server we use
+                src = self._aton.get(peer[0])
+                if src is None:
+                    if len(self._aton) > 4096:
+                        self._aton.clear()
+                    src = self._aton[peer[0]] = socket.inet_aton(peer[0])
+            if dst is None:
+                self._no_tun_address(peer, now, count)
+                return None
             if self.client_auth is not None and peer not in self.client_auth.ready:
                 self.counters["rx_drop_unauthenticated"] += count
                 return None
             return src, dst, None
+        if dst is None:
+            self._no_tun_address(peer, now, count)
+            return None
         store = self.store
         if store is None:
             self.counters["rx_drop_no_pool"] += count
@@ -335,7 +340,7 @@ class Router:
         if server is None:
             if len(self.servers) > 4096:
                 return
-            server = self.servers[dest] = ServerState()
+            server = self.servers[dest] = ServerState(dest[0])
         server.last_sent = now
 
     def auth_state(self, dest, now: float) -> str:
