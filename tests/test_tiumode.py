@@ -115,3 +115,29 @@ def test_cli_refuses_in_one_line(argv, needle, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_gro_fast_path_equals_decode_and_coalesce():
+    """A GRO buffer of wire payloads (what tso_split(tiu=True) sends in one
+    UDP_SEGMENT batch) becomes exactly the super-packet that decoding each
+    payload and coalescing them makes; anything irregular is left to them."""
+    from udp_encap_tun.offload import coalesce, coalesce_wire_gro
+
+    opts = bytes([1, 1, 8, 10]) + struct.pack("!II", 5, 6)
+    ports = struct.pack("!HH", 7001, 40000)
+    for seq0, plen, flags in ((1000, 10000, P.ACK), (2**32 - 2500, 7000, P.ACK | P.PSH),
+                              (5, 4000, P.ACK)):
+        seg = struct.pack("!HHIIBBHHH", 7001, 40000, seq0, 9, 0x80, flags, 500, 0, 0) + opts \
+            + bytes(range(256)) * (plen // 256) + bytes(plen % 256)
+        packet = bytearray(20) + seg
+        P.write_ipv4_header(packet, 0, len(packet), 1, LOCAL, REMOTE)
+        [(gro, size)] = tso_split(packet, 1000, tiu=True)
+        fast = coalesce_wire_gro(gro, len(gro), size, ports, REMOTE, LOCAL, 77)
+        segments = [tiu.decode_payload(gro[o:o + size], ports) for o in range(0, len(gro), size)]
+        [slow] = coalesce(segments, REMOTE, LOCAL, lambda: 77)
+        assert fast == slow
+        # irregular: one window differs, one sequence number skips, a SYN
+        for pos, value in ((2 * size + 3, 0x99), (3 * size + 7, 0x01), (1, P.SYN | P.ACK)):
+            bad = bytearray(gro)
+            bad[pos] ^= value
+            assert coalesce_wire_gro(bad, len(bad), size, ports, REMOTE, LOCAL, 77) is None

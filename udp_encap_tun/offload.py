@@ -362,3 +362,58 @@ def coalesce(segments, src: bytes, dst: bytes, next_ident) -> list:
         _pack_u16_into(buf, _TCP_OFF + TCP_CSUM_OFFSET, fold(base + tcp_len))
         append(buf)
     return out
+
+
+# --------------------------------------------------------------------------- RX, TCP-in-UDP
+
+_WIRE_SEQ = struct.Struct("!I")
+
+
+def coalesce_wire_gro(buf, length: int, seg_size: int, ports: bytes, src: bytes, dst: bytes,
+                      ident: int):
+    """The TCP-in-UDP receive fast path: a ``UDP_GRO`` buffer ``buf[:length]`` of
+    wire payloads (tiu.py) that are one in-order run of a flow - equal headers
+    but for the sequence number, ACK only (PSH allowed on the last), equal
+    sizes but the last - becomes one tun write buffer (a GSO super-packet, as
+    coalesce() makes it) without touching each segment in Python: the header
+    bytes are compared with strided slices.  None if the buffer is anything
+    else (the caller then decodes segment by segment)."""
+    mv = memoryview(buf)[:length]
+    hl = ((mv[0] >> 4) << 2) - UDP_HEADER_LEN  # wire header length (TCP header - 8)
+    gso = seg_size - hl
+    count = -(-length // seg_size)
+    if hl < 12 or gso <= 0 or count < 2 or length - (count - 1) * seg_size <= hl:
+        return None
+    tcp_len = hl + UDP_HEADER_LEN + length - count * hl
+    if tcp_len + IPV4_HEADER_LEN > MAX_IP_PACKET:
+        return None
+    last = (count - 1) * seg_size
+    flags = mv[1]
+    if flags != ACK or mv[last + 1] & ~PSH != ACK:
+        return None
+    # every header byte but the sequence number equal in all segments
+    # (the flags byte: in all but the last)
+    for i in range(hl):
+        if 4 <= i < 8:
+            continue
+        end = last + i + 1 if i != 1 else last
+        if mv[i:end:seg_size] != bytes([mv[i]]) * (count if i != 1 else count - 1):
+            return None
+    seq0 = _WIRE_SEQ.unpack_from(mv, 4)[0]
+    if seq0 + (count - 1) * gso <= _SEQ_MASK:
+        seqs = _seq_struct(count).pack(*range(seq0, seq0 + count * gso, gso))
+    else:
+        seqs = _seq_struct(count).pack(*[(seq0 + k * gso) & _SEQ_MASK for k in range(count)])
+    for j in range(4):
+        if mv[4 + j:last + 5 + j:seg_size] != seqs[j::4]:
+            return None
+    doff = hl + UDP_HEADER_LEN
+    out = bytearray().join([_PREFIX, ports, mv[4:12], mv[0:4], bytes(4), mv[12:hl],
+                            *[mv[o + hl:o + seg_size] for o in range(0, length, seg_size)]])
+    _pack_vnet_into(out, 0, NEEDS_CSUM, GSO_TCPV4, IPV4_HEADER_LEN + doff, gso,
+                    IPV4_HEADER_LEN, TCP_CSUM_OFFSET)
+    write_ipv4_header(out, VNET_HDR_LEN, IPV4_HEADER_LEN + tcp_len, ident, src, dst)
+    if mv[last + 1] & PSH:
+        out[_TCP_OFF + 13] |= PSH
+    _pack_u16_into(out, _TCP_OFF + TCP_CSUM_OFFSET, fold(address_sums(src, dst)[1] + tcp_len))
+    return out

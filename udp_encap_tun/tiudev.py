@@ -23,7 +23,7 @@ from . import packet as pk
 from . import tiu
 from .conn import (SOL_UDP, UDP_GRO, UDP_SEGMENT, open_udp, probe_udp_offload, set_buffers,
                    set_path_mtu_discovery)
-from .device import BATCH, BUFSIZE, RX_BATCH, OffloadTunnel, Tunnel
+from .device import BATCH, BUFSIZE, RX_BATCH, SMALL, OffloadTunnel, Tunnel
 from .errors import OperatorError
 from .tiumode import MAX_PORTS, TiuRouter, count_ports, format_ranges, parse_port_ranges
 
@@ -185,7 +185,10 @@ class _TiuMixin:
         if router.client:
             if flow.sock is None and not self._open_flow(flow):
                 return None
-            return (flow.sock, None, (), flow.remote), flow
+            return flow.dest, flow
+        dest = flow.dest
+        if dest is not None:
+            return dest, flow
         sock = self.sockets[(pkt[20] << 8) | pkt[21]]
         src = bytes(pkt[12:16])
         cmsg = self._pktinfo.get(src)
@@ -195,7 +198,8 @@ class _TiuMixin:
             cmsg = self._pktinfo[src] = [(socket.IPPROTO_IP, IP_PKTINFO,
                                           _PKTINFO.pack(0, src, _ZERO_ADDR))]
         addr = (socket.inet_ntoa(pkt[16:20]), (pkt[22] << 8) | pkt[23])
-        return (sock, addr, cmsg, addr), flow
+        flow.dest = (sock, addr, cmsg, addr)
+        return flow.dest, flow
 
     def wire_segments(self, pkt, total: int):
         return ((tiu.encode_payload(pkt[20:total]), total - 28),)
@@ -272,11 +276,12 @@ class _TiuMixin:
                                             exc.strerror, now=self.clock())
             return False
         flow.sock = sock
+        flow.dest = (sock, None, (), flow.remote)
         self.watch(sock.fileno(), lambda: self.on_flow(flow))
         return True
 
     def _close_flow(self, flow) -> None:
-        sock, flow.sock = flow.sock, None
+        sock, flow.sock, flow.dest = flow.sock, None, None
         if sock is not None:
             self.unwatch(sock.fileno())
             sock.close()
@@ -325,6 +330,8 @@ class _TiuMixin:
             flow = router.rx_flow(local_ip, remote_ip, port, peer[1], now)
             if flow is not None:
                 self.deliver_tiu(n, flow, remote_ip, local_ip, _PORTS.pack(peer[1], port))
+            if n < SMALL:  # one packet at a time (an ACK, a request): epoll says if more
+                return
 
     def on_flow(self, flow) -> None:
         """Client: datagrams on a flow's socket (connected: only from its server)."""
@@ -350,6 +357,8 @@ class _TiuMixin:
                 self.counters["rx_drop_" + reason] += 1
                 continue
             self.deliver_tiu(n, flow, remote_ip, local_ip, ports)
+            if n < SMALL:
+                return
 
     def deliver_tiu(self, n: int, flow, src: bytes, dst: bytes, ports: bytes) -> None:
         """The wire payload of *n* bytes at rx_payload becomes a TCP segment in
@@ -397,16 +406,20 @@ class TiuOffloadTunnel(_TiuMixin, OffloadTunnel):
 
     def _drain(self, sock, local_ip_of, flow_of, ports_of):
         """Read what *sock* holds (GRO buffers or single datagrams) and write it
-        to the tun as coalesced super-packets."""
+        to the tun as super-packets: a GRO buffer that is one in-order run
+        directly (offload.coalesce_wire_gro), the rest decoded segment by
+        segment and coalesced."""
         view, counters, router = self.rxview, self.counters, self.router
         recvmsg_into, cmsg_space = sock.recvmsg_into, self.cmsg_space
-        classify, decode = tiu.classify_payload, tiu.decode_payload
+        classify, decode, fast = tiu.classify_payload, tiu.decode_payload, ol.coalesce_wire_gro
         now = self.clock()
-        groups = []  # [flow, remote ip, local ip, [segments]]
-        off = self.rx_start
+        # [flow, remote ip, local ip, remote port, payloads or None, ready buffer or None]
+        groups = []
+        off = self.rx_payload  # a lone datagram can be delivered in place from there
         limit = len(view) - BUFSIZE
+        stop = False
         for _ in range(RX_BATCH):
-            if off > limit:
+            if off > limit or stop:
                 break
             try:
                 n, ancdata, _flags, peer = recvmsg_into((view[off:off + BUFSIZE],), cmsg_space)
@@ -420,8 +433,35 @@ class TiuOffloadTunnel(_TiuMixin, OffloadTunnel):
             for level, kind, data in ancdata:
                 if level == SOL_UDP and kind == UDP_GRO:
                     seg_size = int.from_bytes(data[:4], sys.byteorder)
-            payloads = ol.split_gro(view[off:off + n], n, seg_size) if n else (view[off:off],)
-            off += n
+            start, off = off, off + n
+            local_ip, remote_ip = local_ip_of(ancdata), self._ip(peer[0])
+            if n < SMALL and not seg_size:
+                if start == self.rx_payload:  # a lone small datagram: written in place
+                    reason = classify(view[start:off])
+                    if reason is not None:
+                        counters["rx_drop_" + reason] += 1
+                    else:
+                        flow = flow_of(local_ip, remote_ip, peer[1], now, 1)
+                        if flow is not None:
+                            flow.last = now
+                            self.deliver_tiu(n, flow, remote_ip, local_ip, ports_of(flow))
+                    return
+                stop = True  # one packet at a time: epoll says whether more is queued
+            last = groups[-1] if groups else None
+            same = (last is not None and last[1] == remote_ip and last[3] == peer[1]
+                    and last[2] == local_ip)
+            if seg_size and n > seg_size and n >= tiu.WIRE_MIN:
+                flow = last[0] if same else flow_of(local_ip, remote_ip, peer[1], now,
+                                                    -(-n // seg_size))
+                if flow is None:
+                    continue
+                out = fast(view[start:off], n, seg_size, ports_of(flow), remote_ip, local_ip,
+                           router.ident + 1)
+                if out is not None:
+                    router.next_ident()
+                    groups.append([flow, remote_ip, local_ip, peer[1], None, out])
+                    continue
+            payloads = ol.split_gro(view[start:off], n, seg_size) if n else (view[start:off],)
             good = []
             for p in payloads:
                 reason = classify(p)
@@ -431,25 +471,29 @@ class TiuOffloadTunnel(_TiuMixin, OffloadTunnel):
                     counters["rx_drop_" + reason] += 1
             if not good:
                 continue
-            local_ip = local_ip_of(ancdata)
-            remote_ip = self._ip(peer[0])
-            if groups and groups[-1][1] == remote_ip and groups[-1][4] == peer[1] \
-                    and groups[-1][2] == local_ip:
-                groups[-1][3].extend(good)
+            if same and last[4] is not None:
+                last[4].extend(good)
                 continue
-            flow = flow_of(local_ip, remote_ip, peer[1], now, len(good))
+            flow = last[0] if same else flow_of(local_ip, remote_ip, peer[1], now, len(good))
             if flow is None:
                 continue
-            groups.append([flow, remote_ip, local_ip, good, peer[1]])
+            groups.append([flow, remote_ip, local_ip, peer[1], good, None])
         fd = self.tun.fd
-        for flow, remote_ip, local_ip, payloads, _port in groups:
-            ports = ports_of(flow)
-            segments = [decode(p, ports) for p in payloads]
-            npackets, nbytes = len(segments), sum(map(len, segments))
-            for out in ol.coalesce(segments, remote_ip, local_ip, router.next_ident):
+        for flow, remote_ip, local_ip, _port, payloads, ready in groups:
+            if ready is not None:
+                outs = (ready,)
+                npackets, nbytes = ol.wire_size(ready)
+            else:
+                ports = ports_of(flow)
+                segments = [decode(p, ports) for p in payloads]
+                npackets, nbytes = len(segments), sum(map(len, segments))
+                outs = ol.coalesce(segments, remote_ip, local_ip, router.next_ident)
+            for out in outs:
                 try:
                     os.write(fd, out)
                 except OSError as exc:
+                    if self._tun_failed(exc):
+                        return
                     lost, lost_bytes = ol.wire_size(out)
                     counters["rx_drop_write_error"] += lost
                     npackets -= lost

@@ -76,6 +76,7 @@ class Flow:
     created: float
     last: float
     sock: object = None  # client: the flow's UDP socket (the I/O edge's)
+    dest: object = None  # client: where its packets go, as the I/O edge sends them
     rx_packets: int = 0
     rx_bytes: int = 0
     tx_packets: int = 0
