@@ -141,3 +141,29 @@ def test_gro_fast_path_equals_decode_and_coalesce():
             bad = bytearray(gro)
             bad[pos] ^= value
             assert coalesce_wire_gro(bad, len(bad), size, ports, REMOTE, LOCAL, 77) is None
+
+
+def test_status_line_prometheus_and_text_for_flows():
+    """The service manager's STATUS= line, the Prometheus text and the status
+    text of a tcp-in-udp tunnel speak of flows."""
+    from types import SimpleNamespace
+
+    from udp_encap_tun import notify, status
+
+    for client in (False, True):
+        router = TiuRouter(client, [(7000, 7009)])
+        router.rx_flow(LOCAL, REMOTE, 7001, 40000, now=0.0)
+        tunnel = SimpleNamespace(router=router, counters=router.counters,
+                                 tun=SimpleNamespace(name="tiu0"), clock=lambda: 0.0)
+        assert notify.status_line(tunnel).endswith(": tcp-in-udp, 1 flow, tx 0 B rx 0 B")
+    doc = {"interface": "tiu0", "mode": "server", "wire": "tcp-in-udp", "flow_count": 3,
+           "max_flows": 10, "ports": "7000-7009", "flow_timeout": 300.0, "pid": 1,
+           "data_path": "simple", "mss_clamp": None, "counters": {"flows_added": 3},
+           "flows": [{"local": "192.0.2.2:7001", "remote": "192.0.2.1:40000", "last": 1.0,
+                      "age": 2.0, "rx_packets": 1, "rx_bytes": 2, "tx_packets": 3,
+                      "tx_bytes": 4}]}
+    prom = status.render_prometheus(doc)
+    assert 'udp_encap_tun_flows{interface="tiu0"} 3' in prom, prom
+    assert "udp_encap_tun_peers{" not in prom and "peers_added" not in prom, prom
+    text = status.render_text(doc)
+    assert "flows:" in text and "192.0.2.1:40000" in text and "2 older flows" in text, text

@@ -125,7 +125,11 @@ def status_line(tunnel) -> str:
     links = getattr(tunnel, "links", None)
     if links is not None and not links.bind_present:
         parts.append(f"{links.bind_name} MISSING: nothing sent")
-    if router.client:
+    flows = getattr(router, "flows", None)
+    if flows is not None:  # tcp-in-udp: flows, no peers or servers
+        n = len(flows)
+        parts.append(f"tcp-in-udp, {n} flow{'' if n == 1 else 's'}")
+    elif router.client:
         where += f" to UDP port {router.endpoint_port}"
         parts.append(f"{len(router.remotes)} servers")
     elif router.store is None:

@@ -606,7 +606,9 @@ def render_prometheus(doc: dict, per_peer: bool = False) -> str:
             metric = _metric_name(f"{p}{direction}_{name}_total")
             m.add(metric, "counter", f"Counter {direction}_{name}.", iface, value)
     defaults = {"internal_error": 0}
-    if doc["mode"] == "server":
+    if doc.get("wire") == "tcp-in-udp":
+        defaults.update(flows_added=0, flows_expired=0)
+    elif doc["mode"] == "server":
         defaults.update(peers_added=0, peers_expired=0)
     for name, value in sorted({**defaults, **other}.items()):
         if name.startswith("auth_fail_"):
@@ -617,7 +619,12 @@ def render_prometheus(doc: dict, per_peer: bool = False) -> str:
                   {**iface, "event": name[5:]}, value)
         else:
             m.add(_metric_name(f"{p}{name}_total"), "counter", f"Counter {name}.", iface, value)
-    if doc["mode"] == "server":
+    if doc.get("wire") == "tcp-in-udp":
+        m.add(p + "flows", "gauge", "TCP-in-UDP flows the tunnel currently knows.", iface,
+              doc.get("flow_count", 0))
+        m.add(p + "flows_max", "gauge", "At most this many flows at once (--max-peers).", iface,
+              doc.get("max_flows") or 0)
+    elif doc["mode"] == "server":
         peers = doc.get("peers", [])
         m.add(p + "peers", "gauge", "Peers the server currently knows.", iface, len(peers))
         m.add(p + "peers_max", "gauge", "At most this many peers at once (--max-peers).", iface,
