@@ -35,7 +35,7 @@ TUN_NODE = "/dev/net/tun"
 TUN_NODE_LOCK = Path(tempfile.gettempdir()) / "uetnt-dev-net-tun.lock"
 
 # the libraries the tool imports (all pure Python)
-LIBRARIES = ("pyroute2", "cachetools", "configargparse")
+LIBRARIES = ("pyroute2", "configargparse")
 
 
 # --------------------------------------------------------------------------- unprivileged runs
@@ -98,7 +98,7 @@ def build_runtime() -> Runtime:
                 shutil.copy2(src, site / src.name)
         _readable_by_all(base)
         probe = ("import sys; assert sys.version_info >= (3, 11), sys.version; "
-                 "import pyroute2, cachetools, configargparse, udp_encap_tun.cli")
+                 "import pyroute2, configargparse, udp_encap_tun.cli")
         tried = []
         for python in dict.fromkeys([sys.executable, "/usr/bin/python3",
                                      shutil.which("python3") or "python3"]):

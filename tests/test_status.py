@@ -45,7 +45,7 @@ def make_tunnel(client: bool = False, peers: int = 2, name: str | None = None, c
             entry.tx_packets, entry.tx_bytes = 20 + i, 20_000 + i
     router.counters.update(tx_packets=1234, tx_bytes=5_600_000, rx_packets=4321,
                            rx_bytes=12_000_000, tx_drop_not_tcp=3, rx_drop_too_short=1,
-                           tx_mss_clamped=2, peers_added=peers)
+                           tx_mss_clamped=2)  # the store counted peers_added
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", 0))
     tun = SimpleNamespace(name=name or "tun0", address=address, network=network)

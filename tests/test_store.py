@@ -1,25 +1,31 @@
 import ipaddress
+from collections import Counter
 
 import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from udp_encap_tun.core import Router
 from udp_encap_tun.store import FULL_POOL, FULL_STORE, AddressPool, PeerStore, PoolError
+
+# clocks the store must not care about: a machine booted a second ago, one up for 30 years
+EPOCHS = [0.0, 0.5, 1000.0, 1e9]
 
 
 class Clock:
     def __init__(self, now=1000.0):
         self.now = now
 
-    def __call__(self):
-        return self.now
-
 
 def ip(addr: bytes) -> str:
     return str(ipaddress.IPv4Address(addr))
 
 
-def make_store(cidr="10.0.0.0/24", reserved=("10.0.0.1",), timeout=300.0, max_peers=65536, key=b""):
-    clock = Clock()
-    return PeerStore(AddressPool(cidr, reserved, key), timeout, max_peers, clock), clock
+def make_store(cidr="10.0.0.0/24", reserved=("10.0.0.1",), timeout=300.0, max_peers=65536, key=b"",
+               now=1000.0):
+    clock = Clock(now)
+    return PeerStore(AddressPool(cidr, reserved, key), timeout, max_peers), clock
 
 
 def test_pool_excludes_network_broadcast_and_reserved():
@@ -152,3 +158,194 @@ def test_large_pool_is_cheap():
     for port in range(2000):
         assert not isinstance(store.admit(("198.51.100.1", port), clock.now), str)
     assert len(store) == 2000
+
+
+# --------------------------------------------------------------------------- one clock
+
+
+@pytest.mark.parametrize("start", EPOCHS)
+def test_expiry_follows_the_given_clock_only(start):
+    store, clock = make_store(timeout=10, now=start)
+    peer = ("198.51.100.7", 5000)
+    entry = store.admit(peer, clock.now)
+    clock.now += 9.9
+    store.expire(clock.now)
+    assert store.lookup_peer(peer, clock.now) is entry  # refreshed at start + 9.9
+    clock.now += 9.9
+    store.expire(clock.now)
+    assert store.lookup_address(entry.address, clock.now) is entry
+    clock.now += 0.2
+    store.expire(clock.now)
+    assert len(store) == 0 and store.expired == 1 and store.added == 1
+    assert store.lookup_peer(peer, clock.now) is None
+
+
+@pytest.mark.parametrize("start", EPOCHS)
+def test_peers_returning_around_the_timeout_keep_their_address_and_leak_nothing(start):
+    # the old store stamped entries with the host's monotonic clock and was asked
+    # with the loop's: a peer back between the two expiry times got a second address
+    # and its first stayed taken forever
+    store, clock = make_store("10.0.0.0/27", timeout=1.0, now=start)
+    peers = [("198.51.100.7", 4000 + i) for i in range(12)]
+    first = {p: store.admit(p, clock.now).address for p in peers}
+    for step in range(400):
+        clock.now += 0.05 + (step % 7) * 0.01  # come back just before, at or after the timeout
+        p = peers[step % len(peers)]
+        entry = store.lookup_peer(p, clock.now)
+        if entry is None:
+            entry = store.admit(p, clock.now)
+        assert entry.address == first[p]  # its own address again: its TCP connections survive
+        assert len(store.by_address) == len(store.live) <= len(peers)
+    assert store.added - store.expired == len(store)
+
+
+@pytest.mark.parametrize("start", EPOCHS)
+def test_admit_of_a_live_peer_returns_its_entry(start):
+    store, clock = make_store(now=start)
+    peer = ("198.51.100.7", 5000)
+    entry = store.admit(peer, clock.now)
+    clock.now += 5
+    assert store.admit(peer, clock.now) is entry
+    assert len(store) == 1 and len(store.by_address) == 1 and store.added == 1
+    assert entry.refreshed == clock.now
+
+
+@pytest.mark.parametrize("how", ["expire", "lookup_peer", "lookup_address", "admit"])
+def test_every_expiry_is_counted_once(how):
+    counters = Counter()
+    store = PeerStore(AddressPool("10.0.0.0/22", ["10.0.0.1"]), 10.0, 65536, counters)
+    peers = [("198.51.100.7", p) for p in range(500)]
+    entries = [store.admit(p, 0.0) for p in peers]
+    now = 10.0
+    for peer, entry in zip(peers, entries):
+        if how == "expire":
+            store.expire(now)
+        elif how == "lookup_peer":
+            assert store.lookup_peer(peer, now) is None
+        elif how == "lookup_address":
+            assert store.lookup_address(entry.address, now) is None
+        else:
+            store.admit(("203.0.113.1", peer[1]), now)
+    store.expire(now + 100)
+    assert len(store) == 0
+    assert counters["peers_added"] == (1000 if how == "admit" else 500)
+    assert counters["peers_expired"] == counters["peers_added"]
+
+
+def test_router_counts_expiries_across_a_pool_change():
+    r = Router(timeout=10.0)
+    r.set_tun_address(bytes([10, 0, 0, 1]), ipaddress.IPv4Network("10.0.0.0/24"))
+    for port in range(50):
+        assert r.rx_addresses(("198.51.100.1", port), 0.5) is not None
+    r.set_tun_address(bytes([10, 0, 0, 1]), ipaddress.IPv4Network("10.0.0.0/16"))  # a new store
+    assert len(r.store) == 50
+    r.rx_addresses(("198.51.100.1", 0), 20.0)  # expires that one in lookup, the rest in admit
+    assert r.counters["peers_added"] == 51 and r.counters["peers_expired"] == 50
+
+
+# --------------------------------------------------------------------------- invariants
+
+
+class StoreMachine(RuleBasedStateMachine):
+    """Arbitrary admit / lookup / expire sequences with a clock that starts
+    anywhere and only moves forward, against a model of who is live."""
+
+    TIMEOUT = 5.0
+
+    def __init__(self):
+        super().__init__()
+        self.store = None
+
+    @rule(start=st.sampled_from(EPOCHS), max_peers=st.integers(1, 12))
+    @precondition(lambda self: self.store is None)
+    def start(self, start, max_peers):
+        # a /28 with one reserved address: 13 addresses for up to 16 peers
+        self.store = PeerStore(AddressPool("10.0.0.0/28", ["10.0.0.1"]), self.TIMEOUT, max_peers)
+        self.now = start
+        self.heard = {}  # model: peer -> last time its entry was refreshed
+        self.address = {}  # peer -> the address it held last
+
+    def _expired_in_model(self):
+        for peer, heard in list(self.heard.items()):
+            if self.now - heard >= self.TIMEOUT:
+                del self.heard[peer]
+
+    @rule(dt=st.sampled_from([0.0, 0.25, 0.5, 1.0, 1.5, 4.99, 5.0, 5.01, 20.0]))
+    @precondition(lambda self: self.store is not None)
+    def advance(self, dt):
+        self.now += dt
+
+    @rule(port=st.integers(0, 15))
+    @precondition(lambda self: self.store is not None)
+    def admit(self, port):
+        peer = ("198.51.100.1", port)
+        got = self.store.admit(peer, self.now)
+        self._expired_in_model()
+        if peer in self.heard:
+            assert got is self.store.live[peer]
+            self.heard[peer] = got.refreshed
+        elif isinstance(got, str):
+            assert got == (FULL_STORE if len(self.heard) >= self.store.max_peers else FULL_POOL)
+            assert got != FULL_POOL or len(self.heard) == self.store.pool.capacity
+        else:
+            assert got.refreshed == self.now
+            self.heard[peer] = self.now
+            # the first free address in the peer's own probing order: the same one
+            # whenever it is free (a returning peer's TCP connections survive)
+            taken = self.store.by_address.keys() - {got.address}
+            assert got.address == next(a for a in self.store.pool.candidates(peer) if a not in taken)
+            self.address[peer] = got.address
+
+    @rule(port=st.integers(0, 15))
+    @precondition(lambda self: self.store is not None)
+    def lookup_peer(self, port):
+        peer = ("198.51.100.1", port)
+        got = self.store.lookup_peer(peer, self.now)
+        alive = peer in self.heard and self.now - self.heard[peer] < self.TIMEOUT
+        assert (got is not None) == alive
+        if got is not None:
+            assert self.now - got.refreshed < self.store.refresh or got.refreshed == self.now
+            self.heard[peer] = got.refreshed
+        else:
+            self.heard.pop(peer, None)
+
+    @rule(last_byte=st.integers(0, 15))
+    @precondition(lambda self: self.store is not None)
+    def lookup_address(self, last_byte):
+        address = bytes([10, 0, 0, last_byte])
+        got = self.store.lookup_address(address, self.now)
+        holder = next((p for p in self.heard if self.address[p] == address), None)
+        alive = holder is not None and self.now - self.heard[holder] < self.TIMEOUT
+        assert (got is not None) == alive
+        if alive:
+            assert got.peer == holder and got.refreshed == self.heard[holder]  # TX does not refresh
+        elif holder is not None:
+            del self.heard[holder]
+
+    @rule()
+    @precondition(lambda self: self.store is not None)
+    def expire(self):
+        self.store.expire(self.now)
+        self._expired_in_model()
+        assert set(self.store.live) == set(self.heard)
+
+    @invariant()
+    def consistent(self):
+        store = self.store
+        if store is None:
+            return
+        assert len(store.live) == len(store.order) == len(store.by_address) <= store.max_peers
+        assert store.live == store.order
+        for address, entry in store.by_address.items():
+            assert store.live[entry.peer] is entry and entry.address == address
+            assert address in store.pool
+        assert set(self.heard) <= set(store.live)  # nobody live is forgotten
+        for peer, entry in store.live.items():  # only expired entries the model dropped remain
+            assert peer in self.heard or self.now - entry.refreshed >= self.TIMEOUT
+        stamps = [e.refreshed for e in store.order.values()]
+        assert stamps == sorted(stamps)  # the expiry order
+        assert store.added - store.expired == len(store)
+
+
+TestStoreMachine = StoreMachine.TestCase
+TestStoreMachine.settings = settings(max_examples=300, stateful_step_count=60, deadline=None)

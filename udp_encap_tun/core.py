@@ -165,7 +165,7 @@ class Router:
             return
         pool = AddressPool(cidr, reserved=[address] if address else [], key=self.pool_key)
         old = self.store
-        self.store = PeerStore(pool, self.timeout, self.max_peers)
+        self.store = PeerStore(pool, self.timeout, self.max_peers, self.counters)
         if old is not None:
             for entry in old.entries():
                 if entry.address in pool:
@@ -262,7 +262,6 @@ class Router:
                                      *peer, entry.replace("_", " "), now=now, peer=peer,
                                      amount=count)
             return None
-        self.counters["peers_added"] += 1
         log.info("new peer %s:%d -> %s", *peer, ipaddress.IPv4Address(entry.address))
         return entry
 

@@ -203,10 +203,7 @@ class Tunnel:
     def housekeeping(self, now: float) -> None:
         store = self.router.store
         if store is not None:
-            before = store.expired
-            store.expire(now)
-            if store.expired != before:
-                self.counters["peers_expired"] += store.expired - before
+            store.expire(now)  # counts peers_expired itself
         self.router.tick(now)
         for errors, fd in ((self.tun_errors, self.tun.fd),
                            (self.udp_errors, self.sock.fileno() if self.sock else None)):

@@ -7,19 +7,18 @@ linear probing on collision, so the same peer gets the same address after its
 entry expired or the server restarted, whenever that address is free.  Nothing
 ever takes an address that a live peer holds.
 
-Lookups are O(1) both ways: by peer on RX (``cachetools.TTLCache``) and by
-generated address on TX (a dict kept in step with the cache's expiry).
+Lookups are O(1) both ways: by peer on RX (an OrderedDict in the order of last
+refresh, which also gives the expiry order) and by generated address on TX (a
+dict kept in step).  There is one clock, the caller's: every method takes *now*.
 """
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
-import time
-from dataclasses import dataclass, field
-from typing import Callable
-
-import cachetools
+from collections import Counter, OrderedDict
+from collections.abc import MutableMapping
+from dataclasses import dataclass
 
 Peer = tuple[str, int]
 
@@ -82,49 +81,46 @@ class Entry:
     tx_bytes: int = 0
 
 
-class _PeerCache(cachetools.TTLCache):
-    """TTLCache that tells its owner which entries it expired."""
-
-    def __init__(self, maxsize, ttl, timer, on_expire):
-        super().__init__(maxsize, ttl, timer=timer)
-        self._on_expire = on_expire
-
-    def expire(self, time=None):
-        expired = super().expire(time)
-        for _key, entry in expired:
-            self._on_expire(entry)
-        return expired
-
-    def popitem(self):  # never evict a live peer to make room
-        raise KeyError("peer store is full")
-
-
 # reasons a new peer is refused
 FULL_POOL = "pool_full"
 FULL_STORE = "peers_full"
 
 
-@dataclass
 class PeerStore:
-    pool: AddressPool
-    timeout: float = 300.0
-    max_peers: int = 65536
-    clock: Callable[[], float] = time.monotonic
-    by_address: dict = field(default_factory=dict)
-    added: int = 0
-    expired: int = 0
+    """Live peers, both ways, expired *timeout* seconds after they were last heard from.
 
-    def __post_init__(self):
-        self.by_peer = _PeerCache(self.max_peers, self.timeout, self.clock, self._forget)
-        self.live: dict = {}  # peer -> Entry, the cache's content without its bookkeeping
-        self.refresh = min(REFRESH_INTERVAL, self.timeout / 4)
+    One clock: every method is given the loop's *now*; the store never reads a
+    clock of its own.  ``order`` holds the live peers in the order of last
+    refresh (oldest first), so expiry pops from its front and stops at the
+    first live entry; RX looks up ``live``, a plain dict (cheaper than an
+    OrderedDict's get), and an entry moves in ``order`` at most once a second.
+    Expiries and admissions are counted in *counters* (``peers_expired``,
+    ``peers_added``), wherever they happen."""
+
+    def __init__(self, pool: AddressPool, timeout: float = 300.0, max_peers: int = 65536,
+                 counters: MutableMapping[str, int] | None = None):
+        self.pool = pool
+        self.timeout = timeout
+        self.max_peers = max_peers
+        self.counters = counters if counters is not None else Counter()
+        self.live: dict[Peer, Entry] = {}  # peer -> Entry
+        self.order: OrderedDict[Peer, Entry] = OrderedDict()  # the same, by last refresh
+        self.by_address: dict[bytes, Entry] = {}
+        self.refresh = min(REFRESH_INTERVAL, timeout / 4)
+
+    @property
+    def added(self) -> int:
+        return self.counters["peers_added"]
+
+    @property
+    def expired(self) -> int:
+        return self.counters["peers_expired"]
 
     def _forget(self, entry: Entry) -> None:
-        if self.by_address.get(entry.address) is entry:
-            del self.by_address[entry.address]
-        if self.live.get(entry.peer) is entry:
-            del self.live[entry.peer]
-        self.expired += 1
+        del self.live[entry.peer]
+        del self.order[entry.peer]
+        del self.by_address[entry.address]
+        self.counters["peers_expired"] += 1
 
     def lookup_peer(self, peer: Peer, now: float) -> Entry | None:
         """RX: the live entry for *peer*, refreshed (the peer was just heard from)."""
@@ -132,16 +128,20 @@ class PeerStore:
         if entry is None or now - entry.refreshed < self.refresh:
             return entry  # the common case: one dict lookup
         if now - entry.refreshed >= self.timeout:
-            self.by_peer.expire(now)
+            self._forget(entry)
             return None
         entry.refreshed = now
-        self.by_peer[peer] = entry
+        self.order.move_to_end(peer)
         return entry
 
     def admit(self, peer: Peer, now: float) -> Entry | str:
-        """RX from an unknown peer: a new entry, or the reason it was refused."""
-        self.by_peer.expire(now)
-        if len(self.by_peer) >= self.max_peers:
+        """RX from an unknown peer: a new entry, or the reason it was refused.
+        A peer that is still live keeps its entry (refreshed): never two for one peer."""
+        self.expire(now)
+        entry = self.lookup_peer(peer, now)
+        if entry is not None:
+            return entry
+        if len(self.live) >= self.max_peers:
             return FULL_STORE
         if len(self.by_address) >= self.pool.capacity:
             return FULL_POOL
@@ -152,34 +152,40 @@ class PeerStore:
             return FULL_POOL
         entry = Entry(peer, address, now, now)
         self.adopt(entry)
-        self.added += 1
+        self.counters["peers_added"] += 1
         return entry
 
     def adopt(self, entry: Entry) -> None:
-        self.by_peer[entry.peer] = entry
-        self.by_address[entry.address] = entry
+        """Take over an entry (from a store with another pool), as the most recently heard."""
         self.live[entry.peer] = entry
+        self.order[entry.peer] = entry
+        self.by_address[entry.address] = entry
 
     def lookup_address(self, address: bytes, now: float) -> Entry | None:
-        """TX: the live entry that holds generated *address*, if any."""
+        """TX: the live entry that holds generated *address*, if any (no refresh)."""
         entry = self.by_address.get(address)
-        if entry is None:
-            return None
-        if now - entry.refreshed >= self.timeout:
-            self.by_peer.expire(now)
-            return None
-        return entry
+        if entry is None or now - entry.refreshed < self.timeout:
+            return entry
+        self._forget(entry)
+        return None
 
     def expire(self, now: float) -> None:
-        self.by_peer.expire(now)
+        """Forget every peer not heard from for *timeout* seconds."""
+        order, timeout = self.order, self.timeout
+        while order:
+            entry = order[next(iter(order))]
+            if now - entry.refreshed < timeout:
+                return
+            self._forget(entry)
 
     def clear(self) -> None:
-        self.by_peer.clear()
-        self.by_address.clear()
         self.live.clear()
+        self.order.clear()
+        self.by_address.clear()
 
     def __len__(self) -> int:
-        return len(self.by_address)
+        return len(self.live)
 
-    def entries(self):
-        return list(self.by_address.values())
+    def entries(self) -> list[Entry]:
+        """Every live entry, least recently heard first."""
+        return list(self.order.values())
