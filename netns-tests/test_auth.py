@@ -426,7 +426,9 @@ def test_admission_rate_limits_spoofed_peers_without_key(lab):
 def test_server_never_answers_with_more_than_it_got(pair: Pair, psk):
     """A CHALLENGE is never larger than the HELLO that asked for it, whether
     the HELLO is padded as the client sends it or cut to the least the parser
-    takes (an attacker's choice, from a spoofed victim address)."""
+    takes (an attacker's choice, from a spoofed victim address).  An empty
+    datagram (a keepalive) from an unknown peer draws nothing; the smallest
+    TCP segment draws an AUTH_REQUIRED no larger than itself."""
     pair.start_server("--psk-file", psk)
     hand = HandDriven(b"no key needed to say hello", SERVER)
     sizes = {}
@@ -443,7 +445,21 @@ def test_server_never_answers_with_more_than_it_got(pair: Pair, psk):
             except socket.timeout:
                 reply = b""
             sizes[name] = (len(hello), len(reply))
-    print(f"HELLO -> CHALLENGE sizes: {sizes}")
+        smallest_segment = bytes(12) + bytes([5 << 4]) + bytes(7)
+        for name, datagram, counter in (("empty", b"", "rx_keepalives"),
+                                        ("segment", smallest_segment, "rx_drop_unauthenticated")):
+            before = pair.server.counters()
+            sock.sendto(datagram, SERVER)
+            wait_for(lambda: counter_delta(pair.server.counters(), before, counter), 20,
+                     interval=0.2, what=f"the server to count the {name} datagram")
+            try:  # anything at all, from anywhere
+                reply = sock.recv(65536)
+            except socket.timeout:
+                reply = b""
+            sizes[name] = (len(datagram), len(reply))
+    print(f"request -> reply sizes: {sizes}")
     assert sizes["padded"][1] > 0, sizes  # a proper HELLO is answered
+    assert sizes["segment"][1] > 0, sizes  # data from an unknown peer: AUTH_REQUIRED
+    assert sizes["empty"][1] == 0, sizes
     for name, (asked, answered) in sizes.items():
         assert answered <= asked, f"{name} HELLO of {asked} bytes answered with {answered} bytes"

@@ -187,3 +187,50 @@ def test_psk_file_ok(tmp_path):
     path.chmod(0o600)
     assert auth.load_psk(str(path)) == KEY
     assert struct.calcsize("!4sBB6xB3x") == auth.HEADER_LEN == 16
+
+
+def _keyed_server():
+    import ipaddress
+    server = Router(keys=auth.Keys(KEY))
+    server.set_tun_address(bytes([10, 0, 0, 1]), ipaddress.IPv4Network("10.0.0.0/24"))
+    return server
+
+
+def _receive(router, datagram, peer, now):
+    """What device.Tunnel does with a received datagram, decisions only."""
+    if classify_rx(datagram) is None:
+        router.rx_addresses(peer, now)
+    elif not datagram:
+        router.keepalive_received(peer, now)
+    elif auth.is_control(datagram):
+        router.control(datagram, peer, now)
+
+
+def test_keepalive_from_unknown_peer_draws_nothing_data_draws_auth_required():
+    server = _keyed_server()
+    _receive(server, b"", CLIENT, 100.0)
+    assert server.outbox == [] and server.counters["rx_keepalives"] == 1
+    segment = bytes(12) + bytes([5 << 4]) + bytes(7)  # the smallest TCP segment: 20 bytes
+    _receive(server, segment, CLIENT, 100.0)
+    (dest, [(msg, _)]), = server.outbox
+    assert dest == CLIENT and auth.parse(msg)[0] == auth.AUTH_REQUIRED
+    assert len(msg) <= len(segment)
+
+
+_HELLO = auth.ClientAuth(auth.Keys(KEY)).hold(SERVER, b"", 0.0)[0]
+_TCP = bytes(12) + bytes([5 << 4]) + bytes(7)
+
+
+@given(st.lists(st.one_of(st.binary(max_size=120),
+                          st.integers(0, len(_HELLO)).map(lambda n: _HELLO[:n]),
+                          st.binary(max_size=60).map(lambda b: _TCP + b),
+                          st.sampled_from(sorted(auth.BODY_LEN)).flatmap(
+                              lambda k: st.binary(max_size=80).map(lambda b: auth.header(k) + b))),
+                max_size=20))
+def test_server_never_answers_with_more_bytes_than_it_got(datagrams):
+    server = _keyed_server()
+    for i, datagram in enumerate(datagrams):
+        server.outbox.clear()
+        _receive(server, datagram, ("198.51.100.1", 1000 + i % 3), 100.0 + i)
+        for _dest, batches in server.outbox:
+            assert sum(len(b) for b, _ in batches) <= len(datagram), (datagram, batches)

@@ -266,6 +266,7 @@ class Router:
         return entry
 
     def _ask_to_authenticate(self, peer, now: float) -> None:
+        """Only for TCP segments (at least 20 bytes): never more than was received."""
         self._send_control(peer, self.server_auth.auth_required(now), now)
 
     def _send_control(self, dest, message: bytes | None, now: float) -> None:
@@ -429,8 +430,8 @@ class Router:
         if self.store is None:
             return False
         if self.store.lookup_peer(peer, now) is None:
-            if self.server_auth is not None:
-                self._ask_to_authenticate(peer, now)
+            # no AUTH_REQUIRED: 16 bytes for 0 would amplify (its next data segment,
+            # at least 20 bytes, is answered)
             return False
         return True
 
