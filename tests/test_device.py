@@ -2,7 +2,9 @@
 or a pipe standing in for the tun (no root)."""
 
 import ipaddress
+import logging
 import os
+import signal
 import socket
 import struct
 import time
@@ -216,3 +218,55 @@ def test_tx_drains_small_packets_queued_together(sockets, tun_pair):
     tunnel.on_tun()
     assert [d[4:8] for d in received(rx, 3)] == [i.to_bytes(4, "big") for i in range(3)]
     assert not tunnel.tun_pending()
+
+
+class _Storm:
+    """A service whose first tick sends the process a SIGUSR1 storm big enough
+    to fill the loop's wake-up pipe (64 KiB), then SIGTERM; its second tick
+    (about a second later) notes that the loop is still running, and stops it."""
+
+    def __init__(self, storm: int):
+        self.storm = storm
+        self.ticks = 0
+        self.still_running_after_sigterm = False
+
+    def watch(self, tunnel):
+        return ()
+
+    def ready(self, tunnel):
+        pass
+
+    def tick(self, tunnel, now):
+        self.ticks += 1
+        if self.ticks == 1:
+            for _ in range(self.storm):
+                os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGTERM)
+        else:
+            self.still_running_after_sigterm = True
+            tunnel.running = False
+
+    def close(self, tunnel):
+        pass
+
+
+@pytest.mark.parametrize("storm", [0, 70_000])
+def test_sigterm_after_a_sigusr1_storm_stops_the_loop(sockets, tun_pair, caplog, storm):
+    monitor = socket.socketpair()
+    tx, _ = sockets
+    tun = SimpleNamespace(fd=tun_pair[0].fileno(), name="tun-test", address=None, network=None,
+                          start_monitor=lambda: monitor[0], drain_monitor=lambda: False)
+    storm_service = _Storm(storm)
+    tunnel = Tunnel(Router(endpoint_port=1), tun, tx, services=[storm_service])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    caplog.set_level(logging.INFO, logger="udp_encap_tun.device")
+    try:
+        tunnel.run()
+    finally:
+        for sock in monitor:
+            sock.close()
+    assert not storm_service.still_running_after_sigterm
+    assert "SIGTERM: stopping" in caplog.text
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # put back
+    # a storm is coalesced: the loop logs the counters once per wake-up, not per signal
+    assert caplog.text.count("counters {") < 100

@@ -8,6 +8,7 @@ import io
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from collections import OrderedDict
 
@@ -342,6 +343,10 @@ def run(args) -> None:
     from .faults import Links
     from .tun import Tun, link_info
 
+    # SIGUSR1/SIGHUP ask for the counters: while the loop runs it logs them, before
+    # and after it (start-up, shutdown) they must not kill the process
+    for signum in (signal.SIGUSR1, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     if args.wire == "tcp-in-udp":
         from . import tiudev
         _index, link = link_info(args.bind_to_interface)

@@ -95,6 +95,10 @@ class Tunnel:
         self.udp_pending = Pending(sock.fileno()) if sock is not None else None
         self.clock = clock
         self.running = False
+        # set by the signal handler (Python runs it in this thread, between bytecodes);
+        # the wake-up pipe only wakes the loop, its bytes are not relied on
+        self.stop_signal: int | None = None
+        self.log_requested = False
         # RX buffer: datagrams land at rx_start, with room for the tun's headers
         # in front (the tun header part stays zero: no offload flags)
         self.rx_start = self.tun_header_len + pk.IPV4_HEADER_LEN
@@ -118,8 +122,8 @@ class Tunnel:
         poller = self.poller = select.epoll()
         callbacks = self.callbacks = {}
         rpipe, wpipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        old_wakeup = signal.set_wakeup_fd(wpipe)
-        handlers = {s: signal.signal(s, lambda *_: None)
+        old_wakeup = signal.set_wakeup_fd(wpipe, warn_on_full_buffer=False)
+        handlers = {s: signal.signal(s, self.on_signal_handler)
                     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)}
         monitor = self.tun.start_monitor()
         self._address_changed()
@@ -142,7 +146,7 @@ class Tunnel:
             service.ready(self)
         now = clock()
         try:
-            while self.running:
+            while self.running:  # the SIGTERM/SIGINT handler clears it
                 timeout = next_housekeeping - now
                 for fd, events in poll(timeout if timeout > 0 else 0):
                     try:
@@ -158,6 +162,8 @@ class Tunnel:
                     next_housekeeping = now + HOUSEKEEPING
                 if router.outbox:
                     self.flush_outbox()
+            log.info("%s: stopping", signal.Signals(self.stop_signal).name
+                     if self.stop_signal else "stop requested")
         finally:
             for service in self.services:
                 service.close(self)
@@ -201,6 +207,8 @@ class Tunnel:
         return self.router.tx_destination(bytes(pkt[16:20]), now)
 
     def housekeeping(self, now: float) -> None:
+        if self.log_requested:  # the wake-up byte may have been lost (a full pipe)
+            self.on_signal_flags()
         store = self.router.store
         if store is not None:
             store.expire(now)  # counts peers_expired itself
@@ -279,17 +287,29 @@ class Tunnel:
             self.sock.sendto(data[off:off + size], dest)
 
     # -- events ------------------------------------------------------------
+    def on_signal_handler(self, signum: int, _frame) -> None:
+        """The Python-level handler: only flags (a storm of one signal can
+        neither lose another nor hold up the loop)."""
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            if self.stop_signal is None:
+                self.stop_signal = signum
+            self.running = False
+        else:  # SIGUSR1, SIGHUP: log the counters (once, however many came)
+            self.log_requested = True
+
     def on_signal(self, rpipe: int) -> None:
+        """The wake-up pipe is readable: empty it, then act on the flags."""
         try:
-            signums = os.read(rpipe, 64)
+            while len(os.read(rpipe, 4096)) == 4096:
+                pass
         except BlockingIOError:
-            return
-        for signum in signums:
-            if signum in (signal.SIGTERM, signal.SIGINT):
-                log.info("%s: stopping", signal.Signals(signum).name)
-                self.running = False
-            elif signum in (signal.SIGUSR1, signal.SIGHUP):
-                self.log_counters()
+            pass
+        self.on_signal_flags()
+
+    def on_signal_flags(self) -> None:
+        if self.log_requested:
+            self.log_requested = False
+            self.log_counters()
 
     def log_counters(self) -> None:
         log.info("counters %s", json.dumps(self.counters.snapshot(), sort_keys=True))
