@@ -4,14 +4,19 @@ a spoofed HELLO flood while a keyed client connects."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 
+from ops_tools import setpriv_argv, tcp_connect, tcp_listen
 from uetlab import Pair, counter_delta, wait_for
 
 MB = 1 << 20
@@ -95,3 +100,146 @@ def test_sigterm_during_a_sigusr1_storm_is_never_lost(pair: Pair):
         assert code == 0, server.log()[-3000:]
         assert "SIGTERM: stopping" in server.log()
         assert not pair.s.link_exists(pair.stun)
+
+
+# --------------------------------------------------------------------------- status socket
+
+
+class PingPong:
+    """One-byte request/response over one TCP connection through the tunnel,
+    back to back, from a thread; records each round trip (seconds)."""
+
+    def __init__(self, pair: Pair, port: int):
+        listener = tcp_listen(pair.s, port)
+        self.client, self.server = tcp_connect(pair.c, listener, Pair.SERVER_IP, port)
+        listener.close()
+        for sock in (self.client, self.server):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.rtts: list[float] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._echo, daemon=True),
+                         threading.Thread(target=self._ping, daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _echo(self) -> None:
+        try:
+            while data := self.server.recv(1):
+                self.server.sendall(data)
+        except OSError as exc:
+            if not self._stop.is_set():
+                self.errors.append(f"echo: {exc}")
+
+    def _ping(self) -> None:
+        try:
+            while not self._stop.is_set():
+                start = time.perf_counter()
+                self.client.sendall(b"x")
+                if self.client.recv(1) != b"x":
+                    if not self._stop.is_set():
+                        self.errors.append("ping: connection closed")
+                    return
+                self.rtts.append(time.perf_counter() - start)
+        except OSError as exc:
+            if not self._stop.is_set():
+                self.errors.append(f"ping: {exc}")
+
+    def count(self) -> int:
+        return len(self.rtts)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.client.shutdown(socket.SHUT_RDWR)
+        for t in self._threads:
+            t.join(10)
+        self.client.close()
+        self.server.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+# connect, close, as fast as possible, for a while; prints what it did
+HAMMER = """
+import socket, sys, time
+name, seconds = sys.argv[1].encode(), float(sys.argv[2])
+connected = refused_full = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        s.connect(b"\\0" + name)
+        connected += 1
+    except BlockingIOError:
+        refused_full += 1
+    s.close()
+print(connected, refused_full)
+"""
+
+
+def hammer_python() -> str:
+    """A Python the unprivileged user can run (the test's own may live under /root)."""
+    return "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else shutil.which("python3")
+
+
+def test_status_hammer_by_an_unprivileged_user_leaves_the_data_path_running(pair: Pair):
+    """An unprivileged local user connects to the status socket and closes, as
+    fast as two processes can, for 6 s, while a one-byte ping-pong runs through
+    the tunnel: the ping-pong keeps completing, root's ``status --timeout``
+    gets its document through the full backlog, and the server is alive and
+    well afterwards.  (Before, a connect/close loop held the loop in one accept
+    call for up to 421 ms.)  Round-trip figures are printed, not asserted."""
+    pair.start_server()
+    pair.start_client()
+    pingpong = PingPong(pair, 7101)
+    try:
+        wait_for(lambda: pingpong.count() >= 200 or pingpong.errors, 60, interval=0.05,
+                 what="the ping-pong to get going")
+        mark = pingpong.count()
+        time.sleep(2)
+        calm = pingpong.rtts[mark:]
+        seconds = 6
+        hammers = [subprocess.Popen(
+            pair.s.exec_args([*setpriv_argv(False), hammer_python(), "-c", HAMMER,
+                              f"udp-encap-tun/{pair.stun}", seconds]),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        try:
+            time.sleep(1)  # the hammer is at full swing
+            during_start = pingpong.count()
+            queries = []
+            for _ in range(3):  # root's status gets through, however full the backlog is
+                q = pair.s.run(sys.executable, "-m", "udp_encap_tun", "status", "--json",
+                               "--interface", pair.stun, "--timeout", "30", check=False, timeout=60)
+                queries.append(q)
+            outs = [h.communicate(timeout=seconds + 30) for h in hammers]
+        finally:
+            for h in hammers:
+                if h.poll() is None:
+                    h.kill()
+                    h.wait(10)
+        during = pingpong.rtts[during_start:]
+        after_mark = pingpong.count()
+        wait_for(lambda: pingpong.count() >= after_mark + 100 or pingpong.errors, 60,
+                 interval=0.05, what="the ping-pong to go on after the hammer")
+    finally:
+        pingpong.close()
+    connects = [tuple(map(int, out.split())) for out, _err in outs]
+    print(f"hammer: {connects} (connected, backlog full) per process in {seconds}s")
+    print(f"ping-pong round trips: calm {len(calm)} in 2s, p50 {percentile(calm, .5) * 1e3:.2f} ms, "
+          f"p99 {percentile(calm, .99) * 1e3:.2f} ms; under the hammer {len(during)}, "
+          f"p50 {percentile(during, .5) * 1e3:.2f} ms, p99 {percentile(during, .99) * 1e3:.2f} ms, "
+          f"max {max(during, default=0) * 1e3:.1f} ms")
+    for h, (out, err) in zip(hammers, outs):
+        assert h.returncode == 0, err
+    assert sum(c for c, _ in connects) > 1000, connects  # the hammer did hammer
+    assert not pingpong.errors, pingpong.errors
+    assert len(during) > 0  # the data path kept serving while the hammer ran
+    for q in queries:
+        assert q.returncode == 0, q.stderr
+        doc = json.loads(q.stdout)
+        assert doc["interface"] == pair.stun and doc["mode"] == "server"
+    counters = pair.server.stop()
+    assert counters.get("internal_error", 0) == 0, counters

@@ -358,7 +358,8 @@ def test_readers_that_never_read_cost_a_bounded_amount():
     s = Served(peers=3000)
     try:
         clients = [s.connect() for _ in range(status.MAX_CLIENTS + 3)]
-        s.watched[0][1]()
+        for _ in range(status.MAX_CLIENTS):  # a few accepts per turn of the loop
+            s.watched[0][1]()
         assert len(s.server.clients) == status.MAX_CLIENTS == s.server.served
         assert not s.server.accepting
         s.watched[0][1]()  # nothing can move: no work, no busy loop
@@ -366,7 +367,8 @@ def test_readers_that_never_read_cost_a_bounded_amount():
         s.tunnel.clock.now += status.SEND_DEADLINE + 1
         s.server.tick(s.tunnel, s.tunnel.clock())
         assert not s.server.clients and s.server.accepting
-        s.watched[0][1]()  # the ones from the backlog now
+        for _ in range(3):
+            s.watched[0][1]()  # the ones from the backlog now
         assert s.server.served == status.MAX_CLIENTS + 3
         # each got the start of a document, then (after the deadline) the end of the stream
         s.tunnel.clock.now += status.SEND_DEADLINE + 1
@@ -399,6 +401,50 @@ def test_refused_client_gets_an_error_document(served, monkeypatch):
     with pytest.raises(status.StatusError, match="permission denied"):
         status.query(served.name)
     assert served.server.refused == 1
+
+
+def _fill_backlog(name: str) -> list:
+    """Connect without being accepted until the listener's backlog is full."""
+    waiting = []
+    while True:
+        c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        try:
+            c.connect(status.socket_name(name))
+        except BlockingIOError:
+            c.close()
+            return waiting
+        waiting.append(c)
+
+
+def test_connect_close_hammer_is_served_a_bounded_amount_per_call(served, monkeypatch):
+    """Refused clients free their slot at once: one call from the loop must still
+    accept no more than ACCEPTS_PER_CALL of them, whatever waits in the backlog."""
+    monkeypatch.setattr(served.server, "allowed", lambda conn: False)
+    hammer = _fill_backlog(served.name)
+    for c in hammer:
+        c.close()  # connect, close: the hammer's loop
+    assert len(hammer) > status.ACCEPTS_PER_CALL
+    calls = 0
+    while served.server.refused < len(hammer):
+        before = served.server.refused
+        served.watched[0][1]()
+        calls += 1
+        assert served.server.refused - before <= status.ACCEPTS_PER_CALL
+        assert not served.server.clients  # each freed its slot at once
+    assert calls >= len(hammer) / status.ACCEPTS_PER_CALL
+
+
+def test_query_waits_through_a_full_backlog(served):
+    """The backlog is full when the query connects: it waits (up to --timeout)
+    instead of failing with EAGAIN, and gets its document once the loop runs."""
+    waiting = _fill_backlog(served.name)
+    with pytest.raises(status.StatusError, match="did not accept within 0.3s"):
+        status.query(served.name, timeout=0.3)
+    threading.Timer(0.5, served.loop).start()
+    doc = status.query(served.name, timeout=30)
+    assert doc["interface"] == served.name
+    for c in waiting:
+        c.close()
 
 
 def test_peer_credentials_checked(served):

@@ -17,6 +17,11 @@ with the data path instead of stopping it.  At most
 MAX_CLIENTS connections are served at once (more wait in the listen backlog)
 and a connection that has not taken its document after SEND_DEADLINE seconds
 is closed, so a client that connects and never reads costs a bounded amount.
+Every call from the loop is bounded by count and by time: at most
+ACCEPTS_PER_CALL accepts (refused and small answers free their slot at once,
+so a local user's connect/close loop would otherwise keep the backlog, and us,
+busy forever) and about SLICE seconds of writing; what is left waits for the
+loop's next turn, after the data path had its own.
 The counters, the peer list and the time are taken when the connection is
 accepted; each peer's numbers are read as its slice is encoded.
 
@@ -55,10 +60,12 @@ VERSION = 1  # of the document layout
 
 BACKLOG = 16
 MAX_CLIENTS = 8  # connections being served at once
+ACCEPTS_PER_CALL = 4  # connections accepted per call from the loop, then the data path again
 SEND_DEADLINE = 10.0  # seconds a client has to take its whole document
 PEERS_PER_CHUNK = 128  # peers encoded per slice (about 25 kB)
 SLICE = 0.002  # seconds of encoding per call from the loop, then the data path again
 UCRED = struct.Struct("3i")  # pid, uid, gid
+TIMEVAL = struct.Struct("@ll")  # struct timeval: seconds, microseconds
 
 
 def socket_name(interface: str) -> bytes:
@@ -279,7 +286,9 @@ class StatusServer(Service):
 
     def _accept(self, until: float) -> None:
         now = self.tunnel.clock()
-        while len(self.clients) < MAX_CLIENTS:
+        for i in range(ACCEPTS_PER_CALL):
+            if len(self.clients) >= MAX_CLIENTS or (i and time.perf_counter() >= until):
+                break  # the rest waits in the backlog for the loop's next turn
             try:
                 conn, _addr = self.listener.accept()
             except (BlockingIOError, InterruptedError):
@@ -668,15 +677,19 @@ class StatusError(Exception):
 def query(interface: str, timeout: float = 5.0) -> dict:
     """The status document of the tunnel on *interface* in this network namespace."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    sock.settimeout(timeout)
     deadline = time.monotonic() + timeout
     try:
+        # A blocking connect to a unix socket whose backlog is full waits for room, up
+        # to SO_SNDTIMEO (a non-blocking one fails at once with EAGAIN)
+        seconds = max(timeout, 0.001)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        TIMEVAL.pack(int(seconds), int(seconds % 1 * 1e6)))
         try:
             sock.connect(socket_name(interface))
         except (ConnectionRefusedError, FileNotFoundError):
             raise StatusError(f"no udp-encap-tun is running on {interface} in this network "
                               "namespace") from None
-        except TimeoutError:
+        except (BlockingIOError, TimeoutError):  # the backlog stayed full
             raise StatusError(f"the tunnel on {interface} did not accept within {timeout:g}s") from None
         chunks = []
         while True:
