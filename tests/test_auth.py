@@ -40,6 +40,27 @@ def test_right_key_authenticates_and_releases_held_data():
     assert SERVER in client.ready
 
 
+def test_challenge_to_an_earlier_hello_still_counts_after_a_retry():
+    """A busy server answers a HELLO after the client already retried with a new
+    nonce: the answer to any of the last RECENT_NONCES HELLOs is taken (before,
+    only the last: a server slower than HELLO_RETRY never got the client in)."""
+    server = auth.ServerAuth(auth.Keys(KEY))
+    client = auth.ClientAuth(auth.Keys(KEY))
+    hellos = [client.hold(SERVER, b"data", 100.0)[0]]
+    for i in range(1, auth.RECENT_NONCES + 1):
+        hellos.append(client.retries(100.0 + i * auth.HELLO_RETRY)[0][0])
+    assert len({h[auth.HEADER_LEN:auth.HEADER_LEN + auth.NONCE_LEN] for h in hellos}) == len(hellos)
+    oldest, second = (server.on_control(*auth.parse(h), CLIENT, 105.0)[0] for h in hellos[:2])
+    assert client.on_control(*auth.parse(oldest), SERVER, 105.0)[2] == "stale_challenge"  # too old
+    response, _, outcome = client.on_control(*auth.parse(second), SERVER, 105.0)
+    assert outcome == "response_sent"
+    welcome, outcome = server.on_control(*auth.parse(response), CLIENT, 105.0)
+    assert outcome == "accepted"
+    _, released, outcome = client.on_control(*auth.parse(welcome), SERVER, 105.0)
+    assert outcome == "authenticated" and released == [b"data"]
+    assert client.on_control(*auth.parse(welcome), SERVER, 105.0)[2] == "stale_welcome"  # replayed
+
+
 def test_wrong_key_is_refused():
     outcome, _ = handshake(auth.ServerAuth(auth.Keys(KEY)), auth.ClientAuth(auth.Keys(b"another key of 16+ bytes")))
     assert outcome == "bad_proof"
@@ -84,6 +105,80 @@ def test_handshake_is_rate_limited():
     outcomes = [server.on_control(*auth.parse(hello), CLIENT, 100.0)[1] for _ in range(20)]
     assert outcomes.count("challenge_sent") == 5 and outcomes.count("rate_limited") == 15
     assert server.on_control(*auth.parse(hello), CLIENT, 101.0)[1] == "challenge_sent"
+    # per source /24: other addresses of the same /24 share its bucket, another /24 does not
+    outcomes = [server.on_control(*auth.parse(hello), (f"198.51.100.{i}", 1), 101.0)[1]
+                for i in range(10, 20)]
+    assert outcomes.count("challenge_sent") == 4 and outcomes.count("rate_limited") == 6
+    assert server.on_control(*auth.parse(hello), ("198.51.101.7", 1), 101.0)[1] == "challenge_sent"
+
+
+def _spoofed_source(rng) -> tuple[str, int]:
+    return f"100.{64 + rng.randrange(64)}.{rng.randrange(256)}.{rng.randrange(1, 255)}", \
+        rng.randrange(1024, 65536)
+
+
+def test_spoofed_hello_flood_does_not_starve_a_client_answering_from_its_address():
+    """HELLOs at 65,000 a second from random spoofed sources; in the middle of it
+    a keyed client sends a HELLO from its real address and answers the CHALLENGE:
+    it is accepted at its first try, every time (one bucket for everybody,
+    drained by the flood, refused it)."""
+    import random
+    rng = random.Random(5)
+    server = _keyed_server()
+    flood = auth.header(auth.HELLO) + bytes(auth.HELLO_SIZE - auth.HEADER_LEN)
+    accepted = 0
+    now = 1000.0
+    rounds, per_round = 3, 3000
+    for _ in range(rounds):
+        for _ in range(per_round):
+            now += 1 / 65_000
+            server.control(flood, _spoofed_source(rng), now)
+        server.outbox.clear()
+        client = auth.ClientAuth(auth.Keys(KEY))
+        hello, _ = client.hold(SERVER, (b"data", 4), now)
+        server.control(hello, CLIENT, now)
+        (dest, [(challenge, _)]), = server.outbox
+        server.outbox.clear()
+        response, _, outcome = client.on_control(*auth.parse(challenge), SERVER, now)
+        assert outcome == "response_sent"
+        server.control(response, CLIENT, now)
+        (dest, [(welcome, _)]), = server.outbox
+        assert client.on_control(*auth.parse(welcome), SERVER, now)[2] == "authenticated"
+        accepted += 1
+        server.store.clear()  # as if it expired: it shakes hands again
+    assert accepted == rounds
+    assert server.counters["auth_challenge_sent"] > rounds * per_round * 0.9  # the flood was too,
+    assert len(server.server_auth.buckets.buckets) <= server.server_auth.buckets.limit  # boundedly
+
+
+def test_junk_flood_does_not_use_up_a_restarted_servers_auth_required():
+    """TCP-looking junk from random spoofed sources: a real client whose server
+    forgot it still gets its AUTH_REQUIRED."""
+    import random
+    rng = random.Random(6)
+    server = _keyed_server()
+    for _ in range(20_000):
+        server.rx_addresses(_spoofed_source(rng), 100.0)
+    server.outbox.clear()
+    server.rx_addresses(CLIENT, 100.0)
+    (dest, [(msg, _)]), = server.outbox
+    assert dest == CLIENT and auth.parse(msg)[0] == auth.AUTH_REQUIRED
+    # one source /24 gets a bounded trickle however much it sends
+    server.outbox.clear()
+    for _ in range(1000):
+        server.rx_addresses(("203.0.113.7", 1), 100.0)
+    assert 0 < len(server.outbox) <= server.server_auth.auth_required_buckets.burst
+
+
+def test_source_buckets_are_bounded_and_refill():
+    buckets = auth.SourceBuckets(rate=2, burst=2, limit=100)
+    for i in range(1000):
+        assert buckets.take(f"10.{i // 256}.{i % 256}.1", 0.0)
+    assert len(buckets.buckets) == 100
+    assert buckets.take("192.0.2.1", 0.0) and buckets.take("192.0.2.200", 0.0)
+    assert not buckets.take("192.0.2.1", 0.0)
+    assert buckets.take("192.0.2.1", 0.5) and not buckets.take("192.0.2.1", 0.5)
+    assert not buckets.take("192.0.2.1", 0.4)  # a clock going back adds nothing
 
 
 def test_client_ignores_unsolicited_or_forged_welcome():

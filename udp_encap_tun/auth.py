@@ -34,7 +34,7 @@ import hmac
 import os
 import stat
 import struct
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from .errors import OperatorError
@@ -66,6 +66,7 @@ MIN_PSK = 16
 QUEUE_LIMIT = 128  # client: packets held per server while authenticating
 HELLO_RETRY = 1.0  # client: seconds between HELLOs while no WELCOME came
 FAILING_AFTER = 10.0  # client: an attempt without WELCOME this long is "failing"
+RECENT_NONCES = 4  # client: a CHALLENGE to any of its last few HELLOs is answered
 
 
 def header(kind: int) -> bytes:
@@ -154,6 +155,36 @@ class TokenBucket:
         return False
 
 
+class SourceBuckets:
+    """A token bucket per source /24, for replies to sources that have not
+    authenticated: each spoofed victim network gets a bounded trickle, and no
+    flood from other (spoofed) sources can use up a real client's share, as
+    it could with one bucket for everybody.  At most *limit* prefixes are
+    tracked; beyond that the least recently seen is forgotten (and starts
+    again with a full bucket)."""
+
+    def __init__(self, rate: float, burst: float, limit: int = 8192):
+        self.rate, self.burst, self.limit = rate, burst, limit
+        self.buckets: OrderedDict[str, list] = OrderedDict()  # prefix -> [tokens, last]
+
+    def take(self, host: str, now: float) -> bool:
+        prefix = host.rpartition(".")[0]  # dotted quad: its /24
+        bucket = self.buckets.get(prefix)
+        if bucket is None:
+            if len(self.buckets) >= self.limit:
+                self.buckets.popitem(last=False)
+            bucket = self.buckets[prefix] = [self.burst, now]
+        else:
+            self.buckets.move_to_end(prefix)
+            if now > bucket[1]:
+                bucket[0] = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+                bucket[1] = now
+        if bucket[0] >= 1:
+            bucket[0] -= 1
+            return True
+        return False
+
+
 def _peer_bytes(peer) -> bytes:
     host, port = peer
     return host.encode() + b"|" + port.to_bytes(2, "big")
@@ -164,12 +195,14 @@ class ServerAuth:
     None) and, for an accepted RESPONSE, sets ``accepted``; the caller admits
     the peer."""
 
-    def __init__(self, keys: Keys, rate: float = 1000.0, burst: float = 200.0, random=os.urandom):
+    def __init__(self, keys: Keys, rate: float = 100.0, burst: float = 200.0, random=os.urandom):
+        """*rate* and *burst*: handshake messages handled per second per source /24
+        (a tenth of that for AUTH_REQUIRED)."""
         self.keys = keys
         self.random = random
         self.secrets: dict[int, bytes] = {}
-        self.bucket = TokenBucket(rate, burst)
-        self.auth_required_bucket = TokenBucket(rate / 10, burst / 10)
+        self.buckets = SourceBuckets(rate, burst)
+        self.auth_required_buckets = SourceBuckets(rate / 10, burst / 10)
 
     def _secret(self, epoch: int) -> bytes | None:
         secret = self.secrets.get(epoch)
@@ -193,7 +226,7 @@ class ServerAuth:
         'challenge_sent', 'accepted', or the reason it was refused."""
         if kind not in (HELLO, RESPONSE):
             return None, "unexpected_" + TYPE_NAMES[kind]
-        if not self.bucket.take(now):
+        if not self.buckets.take(peer[0], now):
             return None, "rate_limited"
         nonce = body[:NONCE_LEN]
         window_now = int(now // WINDOW_SECONDS)
@@ -214,17 +247,18 @@ class ServerAuth:
             return None, "bad_proof"  # does not know the key
         return header(WELCOME) + nonce + self.keys.confirm(cookie, nonce), "accepted"
 
-    def auth_required(self, now: float) -> bytes | None:
+    def auth_required(self, peer, now: float) -> bytes | None:
         """Reply to data from a peer we do not know (it should authenticate again)."""
-        return header(AUTH_REQUIRED) if self.auth_required_bucket.take(now) else None
+        return header(AUTH_REQUIRED) if self.auth_required_buckets.take(peer[0], now) else None
 
 
 @dataclass
 class Session:
     """Client side, one per server (host, port)."""
-    nonce: bytes = b""
     ok: bool = False
-    cookie: bytes = b""
+    # nonce -> cookie (b"" until its CHALLENGE came) of the last few HELLOs: a slow or
+    # busy server's answer to an earlier HELLO still counts after a retry
+    pending: OrderedDict = field(default_factory=OrderedDict)
     next_hello: float = 0.0
     queue: deque = field(default_factory=lambda: deque(maxlen=QUEUE_LIMIT))
     started: float | None = None  # first HELLO of the attempt under way (None: none)
@@ -256,12 +290,15 @@ class ClientAuth:
     def _hello(self, session: Session, now: float, force: bool = False) -> bytes | None:
         if not force and now < session.next_hello:
             return None
-        session.nonce = self.random(NONCE_LEN)
+        nonce = self.random(NONCE_LEN)
+        session.pending[nonce] = b""
+        while len(session.pending) > RECENT_NONCES:
+            session.pending.popitem(last=False)
         session.next_hello = now + HELLO_RETRY
         if session.started is None:
             session.started, session.hellos, session.challenges = now, 0, 0
         session.hellos += 1
-        msg = header(HELLO) + session.nonce
+        msg = header(HELLO) + nonce
         return msg + bytes(HELLO_SIZE - len(msg))
 
     def on_control(self, kind: int, body: bytes, peer, now: float):
@@ -273,20 +310,21 @@ class ClientAuth:
         if kind == AUTH_REQUIRED:
             # the server forgot us (expiry, restart): authenticate again, keep sending
             return self._hello(session, now), (), "auth_required"
-        if not session.nonce or not hmac.compare_digest(nonce, session.nonce):
+        if nonce not in session.pending:  # nonces are random: no secret to time here
             return None, (), "stale_" + TYPE_NAMES[kind]
         if kind == CHALLENGE:
             window = body[NONCE_LEN:NONCE_LEN + 4]
-            session.cookie = body[NONCE_LEN + 4:]
+            cookie = session.pending[nonce] = body[NONCE_LEN + 4:]
             session.challenges += 1
-            return (header(RESPONSE) + nonce + window + session.cookie
-                    + self.keys.proof(session.cookie, window, nonce)), (), "response_sent"
+            return (header(RESPONSE) + nonce + window + cookie
+                    + self.keys.proof(cookie, window, nonce)), (), "response_sent"
         if kind == WELCOME:
-            if not session.cookie or not hmac.compare_digest(
-                    body[NONCE_LEN:], self.keys.confirm(session.cookie, nonce)):
+            cookie = session.pending[nonce]
+            if not cookie or not hmac.compare_digest(
+                    body[NONCE_LEN:], self.keys.confirm(cookie, nonce)):
                 return None, (), "bad_welcome"
             session.ok = True
-            session.nonce = b""  # a replayed WELCOME finds nothing to match
+            session.pending.clear()  # a replayed WELCOME finds nothing to match
             session.next_hello = now
             session.started = None
             self.ready.add(peer)

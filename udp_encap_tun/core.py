@@ -267,7 +267,7 @@ class Router:
 
     def _ask_to_authenticate(self, peer, now: float) -> None:
         """Only for TCP segments (at least 20 bytes): never more than was received."""
-        self._send_control(peer, self.server_auth.auth_required(now), now)
+        self._send_control(peer, self.server_auth.auth_required(peer, now), now)
 
     def _send_control(self, dest, message: bytes | None, now: float) -> None:
         if message is not None:
