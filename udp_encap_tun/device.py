@@ -162,8 +162,8 @@ class Tunnel:
                     next_housekeeping = now + HOUSEKEEPING
                 if router.outbox:
                     self.flush_outbox()
-            log.info("%s: stopping", signal.Signals(self.stop_signal).name
-                     if self.stop_signal else "stop requested")
+            if self.stop_signal is not None:
+                log.info("%s: stopping", signal.Signals(self.stop_signal).name)
         finally:
             for service in self.services:
                 service.close(self)
