@@ -16,8 +16,8 @@ import time
 
 import pytest
 
-from auth_tools import (FLOOD_NFT, HandDriven, SwitchedPair, ipv4_udp, nft_counter, random_source,
-                        read_psk, recv_control, udp_socket, write_psk)
+from auth_tools import (FLOOD_NFT, HandDriven, Stream, SwitchedPair, ipv4_udp, nft_counter,
+                        random_source, read_psk, recv_control, tcp_looking, udp_socket, write_psk)
 from ops_tools import setpriv_argv, tcp_connect, tcp_listen
 from udp_encap_tun import auth
 from uetlab import Pair, counter_delta, wait_for
@@ -103,6 +103,73 @@ def test_sigterm_during_a_sigusr1_storm_is_never_lost(pair: Pair):
         assert code == 0, server.log()[-3000:]
         assert "SIGTERM: stopping" in server.log()
         assert not pair.s.link_exists(pair.stun)
+
+
+# --------------------------------------------------------------------------- the store's clock
+
+
+def status_json(pair: Pair) -> dict:
+    r = pair.s.run(sys.executable, "-m", "udp_encap_tun", "status", "--json", "--interface",
+                   pair.stun, "--timeout", "30", timeout=60)
+    return json.loads(r.stdout)
+
+
+def test_peers_returning_around_the_timeout_keep_their_address_and_leak_nothing(pair: Pair):
+    """--peer-timeout 1; twelve peers each send a segment every 0.8 to 1.2 s for
+    8 s, so that they come back just before, at and just after their expiry.
+    Each gets the same generated address every time, the server never lists a
+    peer twice, and once they are all quiet nothing is left: every address
+    back in the pool, peers_expired equal to peers_added.  (With two clocks in
+    the store, returning peers got a second address and the first leaked.)"""
+    import random
+    rng = random.Random(11)
+    from udp_encap_tun.store import AddressPool
+    pair.start_server("--peer-timeout", "1")
+    # ports whose preferred addresses differ (the default key), so that each peer's
+    # address is always free when it comes back: its own address every time
+    pool = AddressPool(f"{Pair.SERVER_TUN_IP}/24", reserved=[Pair.SERVER_TUN_IP])
+    ports, preferred = [], set()
+    for port in range(41000, 42000):
+        first = next(pool.candidates((Pair.CLIENT_IP, port)))
+        if first not in preferred and len(ports) < 12:
+            ports.append(port)
+            preferred.add(first)
+    socks = [udp_socket(pair.c, pair.vc, Pair.CLIENT_IP, port) for port in ports]
+    try:
+        due = {port: time.monotonic() + rng.uniform(0, 1) for port in ports}
+        end = time.monotonic() + 8
+        most_listed = 0
+        while time.monotonic() < end:
+            now = time.monotonic()
+            for sock, port in zip(socks, ports):
+                if now >= due[port]:
+                    sock.sendto(tcp_looking(rng), (Pair.SERVER_IP, Pair.PORT))
+                    due[port] = now + rng.uniform(0.8, 1.2)
+            time.sleep(0.01)
+            if rng.random() < 0.02:
+                doc = status_json(pair)
+                listed = [p["peer"] for p in doc["peers"]]
+                assert len(listed) == len(set(listed)) == doc["peer_count"], doc["peers"]
+                most_listed = max(most_listed, len(listed))
+    finally:
+        for sock in socks:
+            sock.close()
+    quiet = wait_for(lambda: (d := status_json(pair)) and d["peer_count"] == 0 and d, 30,
+                     interval=0.5, what="every peer to expire once all are quiet")
+    counters = quiet["counters"]
+    addresses = {}
+    for host, port, address in pair.server.new_peers():
+        addresses.setdefault((host, port), set()).add(address)
+    print(f"peers came back {counters['peers_added'] - len(ports)} times; at most {most_listed} "
+          f"listed at once; expired {counters.get('peers_expired', 0)}")
+    assert set(addresses) == {(Pair.CLIENT_IP, p) for p in ports}
+    assert all(len(a) == 1 for a in addresses.values()), addresses  # the same address each time
+    assert len({a for s in addresses.values() for a in s}) == len(ports)
+    assert counters["peers_added"] > len(ports)  # they did expire and come back
+    assert counters["peers_expired"] == counters["peers_added"], counters
+    assert quiet["peers"] == []
+    final = pair.server.stop()
+    assert final.get("internal_error", 0) == 0
 
 
 # --------------------------------------------------------------------------- status socket
@@ -355,4 +422,50 @@ def test_spoofed_hello_flood_does_not_keep_a_keyed_client_out(lab, tmp_path):
     final = server.stop()
     assert final.get("auth_accepted", 0) == 1 and final["peers_added"] == 1, final
     assert client.stop().get("auth_authenticated", 0) >= 1
+    assert final.get("internal_error", 0) == 0
+
+
+@pytest.mark.parametrize("datapath", ["offload"])  # AUTH_REQUIRED is decided before the data path
+def test_junk_flood_does_not_keep_a_restarted_server_from_asking_clients_back(lab, tmp_path):
+    """A flood of TCP-looking junk from random spoofed sources, each of which a
+    keyed server answers with AUTH_REQUIRED (rate-limited); the server restarts
+    under a live TCP stream: the client is told to authenticate again, does, and
+    the stream goes on byte-exact while the flood is still running.  (With one
+    AUTH_REQUIRED bucket for everybody the flood used it up.)"""
+    import random
+    psk = write_psk(tmp_path / "psk")
+    net = SwitchedPair(lab)
+    net.s.run("ip", "tuntap", "add", "dev", net.stun, "mode", "tun")  # survives the restart
+    first = net.start_server("--psk-file", psk)
+    net.start_client("--psk-file", psk)
+    junk = tcp_looking(random.Random(3))
+    stream = Stream(net.c, net.s, Pair.SERVER_IP, 7301)
+    try:
+        wait_for(lambda: stream.check() or stream.received >= 256 * 1024, 60, interval=0.05,
+                 what="the stream to get going")
+        with SpoofedFlood(net, junk, rate=FLOOD_RATE) as flood:
+            time.sleep(1)
+            first.stop()
+            at_restart = stream.received
+            second = lab.tool(net.s, "--interface", net.stun, "--listen-port", Pair.PORT,
+                              "--bind-to-interface", net.vs, "--psk-file", psk)
+            net.server = second
+            wait_for(lambda: stream.check() or stream.received >= at_restart + 2 * MB, 90,
+                     interval=0.1, what="the stream to go on after the restart")
+            still_flooding = not flood.hit_limit
+            during = second.counters()
+        result = stream.finish()
+    finally:
+        stream.close()
+    print(f"flood: {flood.sent} spoofed segments in {flood.seconds:.1f}s; restarted server: "
+          f"{during.get('rx_drop_unauthenticated', 0)} unauthenticated datagrams dropped")
+    assert still_flooding
+    assert not result["errors"], result
+    assert result["sent"] == result["received"] and result["sent_sha256"] == result["received_sha256"]
+    assert during.get("rx_drop_unauthenticated", 0) > 1000, during  # the flood reached it
+    client = net.client.stop()
+    assert client.get("auth_auth_required", 0) >= 1, client
+    assert client.get("auth_authenticated", 0) >= 2, client
+    final = second.stop()
+    assert final.get("auth_accepted", 0) >= 1 and final["peers_added"] == 1, final
     assert final.get("internal_error", 0) == 0
