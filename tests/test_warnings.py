@@ -360,3 +360,25 @@ def test_client_status_lists_servers_with_last_heard_and_auth_state():
     assert 'udp_encap_tun_server_last_heard_seconds{interface="tun0",server="192.0.2.2:5000"} 10' \
         in metrics
     assert 'server_last_heard_seconds{interface="tun0",server="198.51.100.9:5000"}' not in metrics
+
+
+def test_two_servers_that_know_each_other_do_not_ping_pong_keepalives():
+    """Spoofed TCP segments can make two open servers each other's peers; one
+    spoofed empty datagram must not start an endless exchange of answers."""
+    a, b = server(), server()
+    a_addr, b_addr = ("192.0.2.10", 5000), ("192.0.2.11", 5000)
+    a.rx_addresses(b_addr, 0.0)  # a spoofed segment "from b" to a
+    b.rx_addresses(a_addr, 0.0)  # and one "from a" to b
+    answers, now, to_a = 0, 1.0, True  # a spoofed keepalive "from b" reaches a
+    for _ in range(1000):  # the answers cross within 1 ms
+        answered = (a if to_a else b).keepalive_received(b_addr if to_a else a_addr, now)
+        if not answered:
+            break
+        answers += 1
+        to_a = not to_a
+        now += 0.001
+    assert 1 <= answers <= 2
+    # a real client with --keepalive 1 still hears an answer to each of its keepalives
+    c = server()
+    c.rx_addresses(CLIENT, 0.0)
+    assert all(c.keepalive_received(CLIENT, float(t)) for t in range(1, 30))

@@ -24,6 +24,7 @@ TX_MESSAGE_TOO_LONG = "message_too_long"  # the kernel refused a datagram with E
 TX_NO_INTERFACE = "no_interface"  # the bound interface is gone (ENODEV)
 WARN_INTERVAL = 60.0  # seconds: at most one warning per kind and peer this often
 WARN_BURST = 10  # warnings of one kind, all peers together, per WARN_INTERVAL at most
+KEEPALIVE_ANSWER_INTERVAL = 1.0  # server: at most one keepalive answer per peer this often
 SILENCE = 10.0  # client: warn when a server has not been heard this long after we sent to it
 # ICMP errors about datagrams we sent (client: IP_RECVERR), by errno: counter, what it means
 ICMP_ERRORS = {
@@ -419,7 +420,10 @@ class Router:
     def keepalive_received(self, peer, now: float) -> bool:
         """An empty datagram.  Server: refresh the peer's entry (never creates
         one); True if the peer is known: answer with an empty datagram, so that a
-        client whose only traffic is keepalives hears that we are there.
+        client whose only traffic is keepalives hears that we are there.  At most
+        one answer per peer per KEEPALIVE_ANSWER_INTERVAL: two servers that know
+        each other as peers (spoofed TCP segments can make them) would otherwise
+        answer each other's answers for ever, as fast as they can.
         Client: the server's answer (never answered: no ping-pong)."""
         self.counters["rx_keepalives"] += 1
         if self.client:
@@ -429,10 +433,14 @@ class Router:
             return False
         if self.store is None:
             return False
-        if self.store.lookup_peer(peer, now) is None:
+        entry = self.store.lookup_peer(peer, now)
+        if entry is None:
             # no AUTH_REQUIRED: 16 bytes for 0 would amplify (its next data segment,
             # at least 20 bytes, is answered)
             return False
+        if entry.answered is not None and now - entry.answered < KEEPALIVE_ANSWER_INTERVAL:
+            return False
+        entry.answered = now
         return True
 
     def keepalive_targets(self, now: float, forget: float = KEEPALIVE_FORGET):

@@ -79,6 +79,7 @@ class Entry:
     rx_bytes: int = 0
     tx_packets: int = 0
     tx_bytes: int = 0
+    answered: float | None = None  # when the server last answered its keepalive
 
 
 # reasons a new peer is refused
