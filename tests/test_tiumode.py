@@ -93,6 +93,14 @@ def test_tso_split_into_wire_payloads():
     assert tso_split(small, 1000, tiu=True) == [(tiu.encode_payload(seg[:40]), 32)]
 
 
+def test_cli_wire_options_from_a_config_file(tmp_path):
+    conf = tmp_path / "tiu.conf"
+    conf.write_text("wire = tcp-in-udp\ninterface = t0\nbind-to-interface = eth0\n"
+                    "listen-port = [7000-7009, 8000]\n")
+    args = parse_args(["--config", str(conf)])
+    assert args.wire == "tcp-in-udp" and args.listen_port_all == ["7000-7009", 8000]
+
+
 def test_cli_wire_options():
     args = parse_args(["--wire", "tcp-in-udp", "--interface", "t0", "--bind-to-interface",
                        "eth0", "--listen-port", "7000-7009", "--listen-port", "8000"])

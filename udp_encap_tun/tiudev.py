@@ -116,10 +116,13 @@ class RpFilter:
         if self.old not in (None, "0") and not _write(self.path, "0"):
             log.warning("cannot set %s to 0: segments may be dropped by reverse-path filtering",
                         self.path)
-        strict = _read("/proc/sys/net/ipv4/conf/all/rp_filter")
-        if strict not in (None, "0") and tun.address is None:
-            log.info("net.ipv4.conf.all.rp_filter is %s: giving %s the address %s so that "
-                     "loose filtering passes its segments", strict, tun.name, self.ANCHOR)
+        # what the kernel applies: the larger of conf/all and the tun's own (read back:
+        # /proc/sys may be read-only, e.g. under ProtectKernelTunables)
+        values = [_read("/proc/sys/net/ipv4/conf/all/rp_filter"), _read(self.path)]
+        strict = max((int(v) for v in values if v and v.isdigit()), default=0)
+        if strict and tun.address is None:
+            log.info("reverse-path filtering stays %d on %s: giving it the address %s so "
+                     "that its segments pass", strict, tun.name, self.ANCHOR)
             tun.add_address(self.ANCHOR)
 
     def close(self) -> None:
