@@ -307,11 +307,16 @@ def read_all(c: socket.socket) -> bytes:
 def test_server_writes_one_document_and_closes(served):
     assert len(served.watched) == 1
     c = served.connect()
-    served.watched[0][1]()  # the selector saw our epoll readable
+    # the selector saw our epoll readable; each call works for a 2 ms slice at most,
+    # which a loaded machine may spend on part of the document: call until done
+    for calls in range(1, 1001):
+        served.watched[0][1]()
+        if served.server.served and not served.server.clients:
+            break
+    assert served.server.served == 1 and not served.server.clients, calls
     doc = json.loads(read_all(c))
     assert doc["interface"] == served.name and len(doc["peers"]) == 2 and doc["mtu"] == 1492
     assert doc["started"] is not None and doc["peer_count"] == 2
-    assert served.server.served == 1 and not served.server.clients
     c.close()
 
 
