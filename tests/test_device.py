@@ -250,14 +250,43 @@ class _Storm:
         pass
 
 
-@pytest.mark.parametrize("storm", [0, 70_000])
-def test_sigterm_after_a_sigusr1_storm_stops_the_loop(sockets, tun_pair, caplog, storm):
+class _EarlySigterm(_Storm):
+    """SIGTERM while the loop is still starting (its handlers are in place)."""
+
+    def watch(self, tunnel):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return ()
+
+    def tick(self, tunnel, now):
+        self.still_running_after_sigterm = True
+        tunnel.running = False
+
+
+def _signal_tunnel(sockets, tun_pair, service):
     monitor = socket.socketpair()
     tx, _ = sockets
     tun = SimpleNamespace(fd=tun_pair[0].fileno(), name="tun-test", address=None, network=None,
                           start_monitor=lambda: monitor[0], drain_monitor=lambda: False)
+    return Tunnel(Router(endpoint_port=1), tun, tx, services=[service]), monitor
+
+
+def test_sigterm_during_start_up_is_not_lost(sockets, tun_pair, caplog):
+    service = _EarlySigterm(0)
+    tunnel, monitor = _signal_tunnel(sockets, tun_pair, service)
+    caplog.set_level(logging.INFO, logger="udp_encap_tun.device")
+    try:
+        tunnel.run()
+    finally:
+        for sock in monitor:
+            sock.close()
+    assert not service.still_running_after_sigterm
+    assert "SIGTERM: stopping" in caplog.text
+
+
+@pytest.mark.parametrize("storm", [0, 70_000])
+def test_sigterm_after_a_sigusr1_storm_stops_the_loop(sockets, tun_pair, caplog, storm):
     storm_service = _Storm(storm)
-    tunnel = Tunnel(Router(endpoint_port=1), tun, tx, services=[storm_service])
+    tunnel, monitor = _signal_tunnel(sockets, tun_pair, storm_service)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     caplog.set_level(logging.INFO, logger="udp_encap_tun.device")
     try:

@@ -136,7 +136,8 @@ class Tunnel:
         for fd, callback in watched:
             poller.register(fd, select.EPOLLIN)
             callbacks[fd] = callback
-        self.running = True
+        # a stop requested (signal) or a fault found during the start-up above holds
+        self.running = self.stop_signal is None and self.failure is None
         clock, poll, router = self.clock, poller.poll, self.router
         udp_fd, epollerr = self.sock.fileno() if self.sock else -1, select.EPOLLERR
         next_housekeeping = clock() + HOUSEKEEPING
