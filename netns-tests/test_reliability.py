@@ -367,6 +367,13 @@ class SpoofedFlood:
         self.raw.close()
 
 
+def udp_rcvbuf_errors(ns) -> int:
+    """Datagrams the kernel of *ns* dropped for a full socket receive buffer."""
+    lines = [line.split() for line in ns.run("cat", "/proc/net/snmp").stdout.splitlines()
+             if line.startswith("Udp:")]
+    return int(lines[1][lines[0].index("RcvbufErrors")])
+
+
 HELLO = auth.header(auth.HELLO) + bytes(auth.HELLO_SIZE - auth.HEADER_LEN)
 FLOOD_RATE = 8000  # datagrams a second
 
@@ -374,8 +381,9 @@ FLOOD_RATE = 8000  # datagrams a second
 def test_spoofed_hello_flood_does_not_keep_a_keyed_client_out(lab, tmp_path):
     """A HELLO flood from random spoofed sources, several times what one
     handshake bucket for everybody allowed (1000/s), runs against a server with
-    a PSK.  HELLOs from a real address in the middle of it are answered (nearly
-    all; the one bucket answered 7 in 10 of them, and far fewer of the flood's),
+    a PSK.  HELLOs from a real address in the middle of it are answered (all
+    that the kernel did not drop for a full receive buffer, but 2; the one
+    bucket answered 7 in 10 of them with no kernel drops),
     and a keyed client started then authenticates and carries a transfer
     through the tunnel while the flood is still running.  The rate is one the
     server can read on this machine: a flood that overflows the socket's
@@ -391,6 +399,7 @@ def test_spoofed_hello_flood_does_not_keep_a_keyed_client_out(lab, tmp_path):
         before = server.counters()
         hand = HandDriven(read_psk(psk), (Pair.SERVER_IP, Pair.PORT))
         probes, answered = 20, 0
+        arrived_before, lost_before = nft_counter(net.s), udp_rcvbuf_errors(net.s)
         with udp_socket(net.c, net.vc, Pair.CLIENT_IP, 40001, timeout=3) as sock:
             for _ in range(probes):
                 hello = hand.hello()
@@ -404,6 +413,8 @@ def test_spoofed_hello_flood_does_not_keep_a_keyed_client_out(lab, tmp_path):
                 except socket.timeout:
                     pass
                 time.sleep(0.1)
+        arrived_probing = nft_counter(net.s) - arrived_before
+        lost_probing = udp_rcvbuf_errors(net.s) - lost_before
         client = net.start_client("--psk-file", psk)
         result = net.transfer(7201, "upload", MB, timeout=60)
         still_flooding = not flood.hit_limit
@@ -414,13 +425,20 @@ def test_spoofed_hello_flood_does_not_keep_a_keyed_client_out(lab, tmp_path):
           f"{arrived} arrived; server while the client came in: "
           f"{counter_delta(during, before, 'auth_challenge_sent')} challenges sent, "
           f"{counter_delta(during, before, 'auth_fail_rate_limited')} rate-limited")
-    print(f"HELLOs from a real address during the flood: {answered} of {probes} answered")
-    assert answered >= probes * 0.9, (answered, probes)
+    # a server slower than the flood (a loaded machine) loses datagrams in the kernel,
+    # real HELLOs as much as spoofed ones; of what the kernel kept, all must be answered
+    kept = 1 - min(1.0, lost_probing / max(1, arrived_probing))
+    print(f"HELLOs from a real address during the flood: {answered} of {probes} answered; "
+          f"the kernel dropped {lost_probing} of {arrived_probing} datagrams meanwhile "
+          f"(full receive buffer)")
+    assert answered >= probes * kept - 2, (answered, probes, kept)
     assert still_flooding, "the flood ended before the client got through"
     assert result["server_saw"], result  # byte-exact (Transfer.wait checked it)
     assert counter_delta(during, before, "auth_challenge_sent") > 1000, (before, during)
     final = server.stop()
-    assert final.get("auth_accepted", 0) == 1 and final["peers_added"] == 1, final
+    # a slow server may answer two of the client's HELLOs, and accept both RESPONSEs:
+    # still one peer
+    assert final.get("auth_accepted", 0) >= 1 and final["peers_added"] == 1, final
     assert client.stop().get("auth_authenticated", 0) >= 1
     assert final.get("internal_error", 0) == 0
 
