@@ -110,3 +110,22 @@ def test_export_of_a_non_commit_fails_in_setup():
             trees.get("0000000")
     finally:
         trees.cleanup()
+
+
+def test_compare_revisions_pairs_rounds_and_skips_failures():
+    def row(rnd, key, up, rate, cpu_txn, rr_error=False):
+        return {"round": rnd, "config": key, "up": {"gbps": up, "cpu_s_per_gb": 5.0},
+                "down": {"error": "iperf3 exit 1"},
+                "rr": {"error": "x"} if rr_error else {"rate": rate, "cpu_us_per_txn": cpu_txn}}
+    rounds = [row(1, "udp-encap-tun", 2.0, 3000, 200), row(1, "udp-encap-tun@78e8943", 1.0, 2000, 250),
+              row(2, "udp-encap-tun@78e8943", 1.0, 1000, 100), row(2, "udp-encap-tun", 1.5, 0, 0, True),
+              row(3, "udp-encap-tun", 1.0, 1000, 100), row(3, "udp-encap-tun@78e8943", 1.0, 1000, 100)]
+    (c,) = bench.compare_revisions(rounds, ["udp-encap-tun", "udp-encap-tun@78e8943", "bare"])
+    assert (c["base"], c["rev"]) == ("udp-encap-tun", "78e8943")
+    assert c["upload Gb/s"] == {"median": 1.5, "low": 1.0, "high": 2.0, "rounds": 3}
+    assert c["download Gb/s"] is None  # failed everywhere
+    assert c["RR/s"] == {"median": 1.25, "low": 1.0, "high": 1.5, "rounds": 2}  # round 2 failed
+    assert c["RR CPU µs/transaction"]["median"] == 0.9
+    assert c["CPU s/GB up"]["median"] == 1.0
+    # a revision run without this tree's configuration has nothing to compare with
+    assert bench.compare_revisions(rounds, ["udp-encap-tun@78e8943"]) == []
