@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import struct
+import time
 
-
+from auth_tools import ipv4_udp, tool_pid, vm_rss_kib
+from udp_encap_tun import auth, packet
 from uetlab import Pair, counter_delta, wait_for
 
 MB = 1 << 20
@@ -203,3 +206,87 @@ def test_refused_peer_is_counted_per_datagram(pair: Pair):
     assert counter_delta(after, before, "rx_packets") == 0, (before, after)
     pair.transfer(7002, "download", MB)
     assert counter_delta(after, before, "rx_drop_peers_full") == count, (before, after)
+
+
+HOSTILE_SMALL, HOSTILE_LARGE = 3000, 150
+
+
+def hostile_payloads(rng: random.Random, count: int, large: bool) -> list[bytes]:
+    """Random bytes, TCP headers with lying data offsets, SYNs with random
+    options (the MSS clamp parses them), control-message lookalikes; *large*:
+    lengths up to 65,507 bytes."""
+    out = []
+    for _ in range(count):
+        size = rng.randrange(0, 65508) if large else rng.randrange(0, 1400)
+        r = rng.random()
+        if r < 0.3:
+            out.append(rng.randbytes(size))
+        elif r < 0.6:  # a TCP header whose data offset may point past the end
+            out.append(tcp_header(doff_words=rng.randrange(16), flags=rng.randrange(256),
+                                  sport=rng.randrange(1, 65536), dport=rng.randrange(1, 65536))
+                       [:max(size, 1)] + rng.randbytes(max(0, size - 20)))
+        elif r < 0.8:  # a SYN with 40 bytes of random options
+            out.append(tcp_header(doff_words=15, flags=0x02, sport=rng.randrange(1, 65536),
+                                  dport=rng.randrange(1, 65536)) + rng.randbytes(40 + size % 64))
+        else:  # the control magic, any version, type and length
+            out.append(auth.MAGIC + bytes([rng.randrange(4), rng.randrange(8)]) + bytes(6)
+                       + bytes([0, 0, 0, 0]) + rng.randbytes(size % 200))
+    return out
+
+
+def not_tcp(payloads) -> int:
+    return sum(1 for p in payloads if packet.classify_rx(p) is not None)
+
+
+def test_hostile_input_at_both_ends_during_a_transfer(tunnel: Pair):
+    """Junk at both ends at once, from the addresses each end trusts (the
+    server's address and port at the client, the client's at the server) and
+    from another port with datagrams up to 65,507 bytes, while a download runs:
+    the download is byte-exact; every datagram that is no TCP segment is
+    counted by a reason; no internal error, no traceback; memory stays flat."""
+    rng = random.Random(20261130)
+    ends = {"server": (tunnel.server, tunnel.c, Pair.CLIENT_IP, tunnel.vc, Pair.SERVER_IP),
+            "client": (tunnel.client, tunnel.s, Pair.SERVER_IP, tunnel.vs, Pair.CLIENT_IP)}
+    tunnel.transfer(7000, "download", MB)  # warm-up
+    pids = {name: tool_pid(end[0]) for name, end in ends.items()}
+    rss = {name: vm_rss_kib(pid) for name, pid in pids.items()}
+    before = {name: end[0].counters() for name, end in ends.items()}
+    xfer = tunnel.lab.transfer(tunnel.s, tunnel.c, Pair.SERVER_IP, 7003, "download", 8 * MB,
+                               wait=False)
+    expected = {}
+    for name, (tool, ns, src, dev, dst) in ends.items():
+        small = hostile_payloads(rng, HOSTILE_SMALL, large=False)
+        large = hostile_payloads(rng, HOSTILE_LARGE, large=True)
+        expected[name] = not_tcp(small) + not_tcp(large)
+        with ns.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+            # on the veth, not into the client's tun that its host route points at
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, dev.encode())
+            for i, payload in enumerate(small, 1):  # spoofed: the trusted address and port
+                raw.sendto(ipv4_udp(socket.inet_aton(src), Pair.PORT, socket.inet_aton(dst),
+                                    Pair.PORT, payload), (dst, 0))
+                if i % 100 == 0:
+                    time.sleep(0.005)
+        with ns.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, dev.encode())
+            sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DONT)
+            sock.bind((src, JUNK_PORT))
+            for payload in large:
+                sock.sendto(payload, (dst, Pair.PORT))
+                time.sleep(0.002)
+    xfer.wait()
+    afters = {name: end[0].counters() for name, end in ends.items()}
+    # the server answers the spoofed keepalives of its known client: to the client
+    expected["client"] += counter_delta(afters["server"], before["server"], "tx_keepalives")
+    for name, (tool, *_rest) in ends.items():
+        after = afters[name]
+        not_tcp_counted = sum(counter_delta(after, before[name], k) for k in after
+                              if k in ("rx_drop_too_short", "rx_drop_bad_data_offset",
+                                       "rx_drop_bad_control", "rx_keepalives"))
+        assert not_tcp_counted == expected[name], (name, expected[name], before[name], after)
+        assert after.get("internal_error", 0) == 0, tool.log()
+        assert "Traceback" not in tool.log(), tool.log()
+        growth = vm_rss_kib(pids[name]) - rss[name]
+        assert growth < 16 << 10, (name, rss[name], growth)
+    tunnel.transfer(7004, "upload", 2 * MB)  # and it still works
+    for name, (tool, *_rest) in ends.items():
+        assert tool.stop().get("internal_error", 0) == 0
