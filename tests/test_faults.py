@@ -337,3 +337,34 @@ def test_status_follows_the_links():
             == (1400, 1392, 1352)
         text = status.render_text(doc)
         assert "on eth0 (MTU 1400)" in text and "MTU 1392, MSS clamp 1352" in text
+
+
+class PendingErrorSocket(FakeSocket):
+    """A client socket (IP_RECVERR) on which an ICMP "fragmentation needed"
+    about an earlier datagram is pending: the next send fails with EMSGSIZE,
+    whatever its size, once."""
+
+    def __init__(self, limit: int):
+        super().__init__(limit)
+        self.pending = errno.EMSGSIZE
+
+    def sendto(self, data, dest):
+        if self.pending:
+            err, self.pending = self.pending, None
+            raise OSError(err, os.strerror(err))
+        return super().sendto(data, dest)
+
+
+@pytest.mark.parametrize("kind", ["simple", "offload"])
+def test_a_small_datagram_failing_with_a_pending_frag_needed_is_sent_again(kind, caplog):
+    sock = PendingErrorSocket(limit=1400)  # a path MTU of 1428 (the link's is 1500)
+    t = make_tunnel(kind, sock, FakeTun(), links())
+    ack = tcp_segment(1, b"")
+    assert t.send_batches([(ack, len(ack))], ("192.0.2.2", 5000)) == (1, len(ack))
+    assert sock.sent == [ack]
+    assert "tx_drop_message_too_long" not in t.counters
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    # a datagram that is too large indeed is still dropped under that name
+    big = tcp_segment(1, bytes(1430))
+    assert t.send_batches([(big, len(big))], ("192.0.2.2", 5000)) == (0, 0)
+    assert t.counters["tx_drop_message_too_long"] == 1

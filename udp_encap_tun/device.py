@@ -239,7 +239,10 @@ class Tunnel:
                 else:
                     self.send_batch(data, size, dest)
             except OSError as exc:
-                if exc.errno in REPORTED_ERRORS:
+                if exc.errno in REPORTED_ERRORS or (exc.errno == errno.EMSGSIZE
+                                                    and self.router.client):
+                    # (client, IP_RECVERR: an ICMP "fragmentation needed" about an
+                    # earlier datagram fails the next send, of any size, with EMSGSIZE)
                     exc = self._send_again(data, size, dest)
                 if exc is not None:
                     if exc.errno == errno.EMSGSIZE and self._shrunk(min(n, size)):
