@@ -9,6 +9,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 
 import pytest
 
@@ -304,3 +305,35 @@ def test_path_mtu_below_the_tun_is_named_and_fixed_by_mtu(lab):
     counters = second.stop()
     assert counters.get("tx_drop_message_too_long", 0) == 0, counters
     assert server.stop().get("rx_bytes", 0) >= 2 * MB
+
+
+def icmp_port_unreachable(src: str, dst: str, sport: int, dport: int) -> bytes:
+    """An ICMP "port unreachable" (type 3, code 3) about a UDP datagram from
+    *src*:*sport* to *dst*:*dport*, for a raw ICMP socket."""
+    quoted = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + 32, 0, 0x4000, 64, socket.IPPROTO_UDP, 0,
+                         socket.inet_aton(src), socket.inet_aton(dst)) \
+        + struct.pack("!HHHH", sport, dport, 8 + 32, 0)
+    body = struct.pack("!BBHI", 3, 3, 0, 0) + quoted
+    total = sum(struct.unpack(f"!{len(body) // 2}H", body))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return body[:2] + struct.pack("!H", ~total & 0xFFFF) + body[4:]
+
+
+def test_spoofed_icmp_errors_do_not_pause_the_client(tunnel: Pair):
+    """With IP_RECVERR each ICMP error about our datagrams (anyone can forge
+    one: it only quotes addresses and ports) fails the socket's next read or
+    send once.  A stream of them is counted and named, but the client's socket
+    keeps being read (no read_paused) and a download arrives byte-exact."""
+    error = icmp_port_unreachable(Pair.CLIENT_IP, Pair.SERVER_IP, Pair.PORT, Pair.PORT)
+    running = tunnel.transfer(7001, "download", 16 * MB, wait=False)
+    with tunnel.s.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as raw:
+        for i in range(20000):  # bounded: at most a few thousand a second for a few seconds
+            raw.sendto(error, (Pair.CLIENT_IP, 0))
+            if i % 100 == 99:
+                time.sleep(0.02)
+    running.wait()
+    counters = tunnel.client.stop()
+    assert counters.get("icmp_port_unreachable", 0) > 0, counters
+    assert counters.get("read_paused", 0) == 0, counters
+    assert counters.get("internal_error", 0) == 0, counters

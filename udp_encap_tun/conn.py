@@ -22,6 +22,9 @@ EXTENDED_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err, then the o
 # errors a send can fail with only because an earlier ICMP error is still pending (IP_RECVERR)
 REPORTED_ERRORS = frozenset((errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
                              errno.EHOSTDOWN, errno.EPROTO))
+# errors a read fails with, once each, because of an ICMP error about our datagrams
+# (IP_RECVERR; "fragmentation needed" as EMSGSIZE): the socket itself is fine
+PENDING_ICMP_ERRORS = REPORTED_ERRORS | {errno.EMSGSIZE}
 
 
 def open_udp(port: int, device: str, address: str = "0.0.0.0",

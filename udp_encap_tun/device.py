@@ -18,7 +18,7 @@ import time
 from . import offload as ol
 from . import packet as pk
 from .auth import is_control
-from .conn import REPORTED_ERRORS, SOL_UDP, UDP_GRO, UDP_SEGMENT, read_icmp_errors
+from .conn import PENDING_ICMP_ERRORS, REPORTED_ERRORS, SOL_UDP, UDP_GRO, UDP_SEGMENT, read_icmp_errors
 from .core import Router
 from .errors import LinkFault
 from .faults import Links, ReadErrors
@@ -393,6 +393,17 @@ class Tunnel:
                                         "until the next second", what, now=self.clock())
         return True
 
+    def _udp_read_failed(self, exc: OSError) -> bool:
+        """A read of the UDP socket failed (counted here); True if the socket is
+        paused.  An error that an ICMP message left pending (client, IP_RECVERR)
+        fails one read and is gone: however many come, they never pause the
+        socket (forged ICMP errors, a few hundred a second, would stall RX)."""
+        self.counters["rx_recv_error"] += 1
+        log.debug("UDP read: %s", exc)
+        if exc.errno in PENDING_ICMP_ERRORS:
+            return False
+        return self._read_failed(self.udp_errors, self.sock.fileno(), "UDP socket")
+
     def on_tun(self) -> None:
         """TX: packets from the tun become UDP datagrams."""
         fd, buf, view, hlen = self.tun.fd, self.txbuf, self.txview, self.tun_header_len
@@ -513,7 +524,7 @@ class Tunnel:
 
     def on_udp(self) -> None:
         """RX: datagrams become IPv4 packets written to the tun, one by one."""
-        deliver, counters = self.deliver, self.counters
+        deliver = self.deliver
         recvfrom_into, seg_view = self.sock.recvfrom_into, self.rxview[self.rx_start:]
         pending = self.udp_pending
         now = self.clock()
@@ -523,9 +534,7 @@ class Tunnel:
             except BlockingIOError:
                 return
             except OSError as exc:  # e.g. ICMP errors queued on the socket
-                counters["rx_recv_error"] += 1
-                log.debug("recvfrom: %s", exc)
-                if self._read_failed(self.udp_errors, self.sock.fileno(), "UDP socket"):
+                if self._udp_read_failed(exc):
                     return
                 continue
             deliver(n, peer, now)
@@ -622,9 +631,7 @@ class OffloadTunnel(Tunnel):
             except BlockingIOError:
                 break
             except OSError as exc:
-                counters["rx_recv_error"] += 1
-                log.debug("recvmsg: %s", exc)
-                if self._read_failed(self.udp_errors, self.sock.fileno(), "UDP socket"):
+                if self._udp_read_failed(exc):
                     break
                 continue
             more = n >= SMALL or pending()
