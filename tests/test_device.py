@@ -262,23 +262,23 @@ class _EarlySigterm(_Storm):
         tunnel.running = False
 
 
-def _signal_tunnel(sockets, tun_pair, service):
+def _run_signal_tunnel(sockets, tun_pair, service, caplog) -> None:
+    """Run a tunnel with *service* beside it until the loop ends."""
     monitor = socket.socketpair()
     tx, _ = sockets
     tun = SimpleNamespace(fd=tun_pair[0].fileno(), name="tun-test", address=None, network=None,
                           start_monitor=lambda: monitor[0], drain_monitor=lambda: False)
-    return Tunnel(Router(endpoint_port=1), tun, tx, services=[service]), monitor
+    caplog.set_level(logging.INFO, logger="udp_encap_tun.device")
+    try:
+        Tunnel(Router(endpoint_port=1), tun, tx, services=[service]).run()
+    finally:
+        for sock in monitor:
+            sock.close()
 
 
 def test_sigterm_during_start_up_is_not_lost(sockets, tun_pair, caplog):
     service = _EarlySigterm(0)
-    tunnel, monitor = _signal_tunnel(sockets, tun_pair, service)
-    caplog.set_level(logging.INFO, logger="udp_encap_tun.device")
-    try:
-        tunnel.run()
-    finally:
-        for sock in monitor:
-            sock.close()
+    _run_signal_tunnel(sockets, tun_pair, service, caplog)
     assert not service.still_running_after_sigterm
     assert "SIGTERM: stopping" in caplog.text
 
@@ -286,14 +286,8 @@ def test_sigterm_during_start_up_is_not_lost(sockets, tun_pair, caplog):
 @pytest.mark.parametrize("storm", [0, 70_000])
 def test_sigterm_after_a_sigusr1_storm_stops_the_loop(sockets, tun_pair, caplog, storm):
     storm_service = _Storm(storm)
-    tunnel, monitor = _signal_tunnel(sockets, tun_pair, storm_service)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
-    caplog.set_level(logging.INFO, logger="udp_encap_tun.device")
-    try:
-        tunnel.run()
-    finally:
-        for sock in monitor:
-            sock.close()
+    _run_signal_tunnel(sockets, tun_pair, storm_service, caplog)
     assert not storm_service.still_running_after_sigterm
     assert "SIGTERM: stopping" in caplog.text
     assert {s: signal.getsignal(s) for s in handlers} == handlers  # put back
