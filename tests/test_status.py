@@ -534,3 +534,16 @@ def test_query_rejects_other_programs_and_silence():
     th.join()
     held[0].close()
     listener.close()
+
+
+def test_peers_past_their_timeout_are_not_shown():
+    """The loop sweeps expired peers once a second: status never shows one that
+    is past --peer-timeout meanwhile, and counts it (peers_expired)."""
+    t = make_tunnel(peers=3)
+    store, now = t.router.store, t.clock()
+    store.entries()[0].refreshed = now - t.router.timeout  # just expired, not swept
+    doc = status.describe(t, now, 1.0)
+    assert doc["peer_count"] == len(doc["peers"]) == 2
+    assert all(p["last_heard"] < t.router.timeout for p in doc["peers"])
+    assert doc["counters"]["peers_expired"] == 1
+    t.sock.close()

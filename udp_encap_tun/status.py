@@ -131,6 +131,8 @@ def describe_head(tunnel, now: float, wall: float, started: float | None = None,
     elif router.client:
         doc["servers"] = client_servers(router, now)
     else:
+        if store is not None:  # what the last sweep (up to a second ago) left: never shown
+            store.expire(now)
         doc["peer_timeout"] = router.timeout
         doc["max_peers"] = router.max_peers
         doc["pool"] = str(store.pool.network) if store is not None else None
