@@ -368,3 +368,14 @@ def test_a_small_datagram_failing_with_a_pending_frag_needed_is_sent_again(kind,
     big = tcp_segment(1, bytes(1430))
     assert t.send_batches([(big, len(big))], ("192.0.2.2", 5000)) == (0, 0)
     assert t.counters["tx_drop_message_too_long"] == 1
+
+
+def test_keepalive_send_failures_are_counted_and_a_pending_error_is_sent_again():
+    sock = PendingErrorSocket(limit=1472)
+    sock.pending = errno.ECONNREFUSED  # a "port unreachable" about an earlier datagram
+    t = make_tunnel("simple", sock, FakeTun(), links())
+    t.send_keepalive(("192.0.2.2", 5000), 1.0)
+    assert sock.sent == [b""] and t.counters["tx_keepalives"] == 1
+    sock.pending = errno.ENODEV  # the bound interface is gone: not sent, counted by name
+    t.send_keepalive(("192.0.2.2", 5000), 2.0)
+    assert t.counters["tx_drop_no_interface"] == 1 and t.counters["tx_keepalives"] == 1

@@ -239,10 +239,7 @@ class Tunnel:
                 else:
                     self.send_batch(data, size, dest)
             except OSError as exc:
-                if exc.errno in REPORTED_ERRORS or (exc.errno == errno.EMSGSIZE
-                                                    and self.router.client):
-                    # (client, IP_RECVERR: an ICMP "fragmentation needed" about an
-                    # earlier datagram fails the next send, of any size, with EMSGSIZE)
+                if self._maybe_pending(exc):
                     exc = self._send_again(data, size, dest)
                 if exc is not None:
                     if exc.errno == errno.EMSGSIZE and self._shrunk(min(n, size)):
@@ -488,6 +485,13 @@ class Tunnel:
             entry.rx_packets += packets
             entry.rx_bytes += nbytes
 
+    def _maybe_pending(self, exc: OSError) -> bool:
+        """Whether a failed send may have failed only because of an ICMP error
+        about an earlier datagram (client, IP_RECVERR: "fragmentation needed"
+        fails the next send, of any size, with EMSGSIZE)."""
+        return exc.errno in REPORTED_ERRORS or (exc.errno == errno.EMSGSIZE
+                                                and self.router.client)
+
     def _send_again(self, data, size: int, dest) -> OSError | None:
         """An error left pending by an ICMP message (client, IP_RECVERR) fails
         the next send whatever its destination: send it again, once.  Returns
@@ -510,8 +514,11 @@ class Tunnel:
         try:
             self.sock.sendto(b"", dest)
         except OSError as exc:
-            log.debug("keepalive to %s:%d: %s", *dest, exc)
-            return
+            if self._maybe_pending(exc):
+                exc = self._send_again(b"", 0, dest)
+            if exc is not None:
+                self._send_error(exc, dest, 0)  # counted: tx_drop_no_interface, ...
+                return
         self.counters["tx_keepalives"] += 1
         if self.router.client:
             self.router.sent(dest, now)
