@@ -353,3 +353,10 @@ def wait_counter(tool, key: str, minimum: int = 1, timeout: float = 30) -> dict:
     """Poll the tool's counters (SIGUSR1) until *key* reaches *minimum*."""
     return wait_for(lambda: (c := tool.counters()).get(key, 0) >= minimum and c, timeout,
                     interval=0.3, what=f"{key} >= {minimum} in {tool!r}")
+
+
+def udp_rcvbuf_errors(ns) -> int:
+    """Datagrams the kernel of *ns* dropped for a full socket receive buffer."""
+    lines = [line.split() for line in ns.run("cat", "/proc/net/snmp").stdout.splitlines()
+             if line.startswith("Udp:")]
+    return int(lines[1][lines[0].index("RcvbufErrors")])

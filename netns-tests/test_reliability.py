@@ -18,7 +18,7 @@ import pytest
 
 from auth_tools import (FLOOD_NFT, HandDriven, Stream, SwitchedPair, ipv4_udp, nft_counter,
                         random_source, read_psk, recv_control, tcp_looking, udp_socket, write_psk)
-from ops_tools import setpriv_argv, tcp_connect, tcp_listen
+from ops_tools import setpriv_argv, tcp_connect, tcp_listen, udp_rcvbuf_errors
 from udp_encap_tun import auth
 from uetlab import Pair, counter_delta, wait_for
 
@@ -365,13 +365,6 @@ class SpoofedFlood:
         self._thread.join(30)
         self.seconds = time.monotonic() - self.start
         self.raw.close()
-
-
-def udp_rcvbuf_errors(ns) -> int:
-    """Datagrams the kernel of *ns* dropped for a full socket receive buffer."""
-    lines = [line.split() for line in ns.run("cat", "/proc/net/snmp").stdout.splitlines()
-             if line.startswith("Udp:")]
-    return int(lines[1][lines[0].index("RcvbufErrors")])
 
 
 HELLO = auth.header(auth.HELLO) + bytes(auth.HELLO_SIZE - auth.HEADER_LEN)

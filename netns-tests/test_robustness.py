@@ -8,6 +8,7 @@ import struct
 import time
 
 from auth_tools import ipv4_udp, tool_pid, vm_rss_kib
+from ops_tools import udp_rcvbuf_errors
 from udp_encap_tun import auth, packet
 from uetlab import Pair, counter_delta, wait_for
 
@@ -243,7 +244,8 @@ def test_hostile_input_at_both_ends_during_a_transfer(tunnel: Pair):
     server's address and port at the client, the client's at the server) and
     from another port with datagrams up to 65,507 bytes, while a download runs:
     the download is byte-exact; every datagram that is no TCP segment is
-    counted by a reason; no internal error, no traceback; memory stays flat."""
+    counted by a reason (bar the kernel's receive-buffer drops); no internal
+    error, no traceback; memory stays flat."""
     rng = random.Random(20261130)
     ends = {"server": (tunnel.server, tunnel.c, Pair.CLIENT_IP, tunnel.vc, Pair.SERVER_IP),
             "client": (tunnel.client, tunnel.s, Pair.SERVER_IP, tunnel.vs, Pair.CLIENT_IP)}
@@ -251,6 +253,7 @@ def test_hostile_input_at_both_ends_during_a_transfer(tunnel: Pair):
     pids = {name: tool_pid(end[0]) for name, end in ends.items()}
     rss = {name: vm_rss_kib(pid) for name, pid in pids.items()}
     before = {name: end[0].counters() for name, end in ends.items()}
+    lost = {name: udp_rcvbuf_errors(end[0].ns) for name, end in ends.items()}
     xfer = tunnel.lab.transfer(tunnel.s, tunnel.c, Pair.SERVER_IP, 7003, "download", 8 * MB,
                                wait=False)
     expected = {}
@@ -282,7 +285,10 @@ def test_hostile_input_at_both_ends_during_a_transfer(tunnel: Pair):
         not_tcp_counted = sum(counter_delta(after, before[name], k) for k in after
                               if k in ("rx_drop_too_short", "rx_drop_bad_data_offset",
                                        "rx_drop_bad_control", "rx_keepalives"))
-        assert not_tcp_counted == expected[name], (name, expected[name], before[name], after)
+        # what the kernel dropped for a full receive buffer never reached the tool
+        dropped = udp_rcvbuf_errors(tool.ns) - lost[name]
+        assert expected[name] - dropped <= not_tcp_counted <= expected[name], \
+            (name, expected[name], dropped, before[name], after)
         assert after.get("internal_error", 0) == 0, tool.log()
         assert "Traceback" not in tool.log(), tool.log()
         growth = vm_rss_kib(pids[name]) - rss[name]
