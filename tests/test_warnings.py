@@ -382,3 +382,15 @@ def test_two_servers_that_know_each_other_do_not_ping_pong_keepalives():
     c = server()
     c.rx_addresses(CLIENT, 0.0)
     assert all(c.keepalive_received(CLIENT, float(t)) for t in range(1, 30))
+
+
+def test_frag_needed_without_a_usable_mtu_is_named_so(warnings):
+    """An ICMP "fragmentation needed" with MTU 0 (an old router, or forged): no
+    "path MTU 0", no "--mtu -8"."""
+    c = client()
+    c.tx_destination(SERVER_DST, 100.0)
+    c.icmp_error(SERVER, errno.EMSGSIZE, 0, "192.0.2.254", 100.1)
+    assert c.counters["icmp_frag_needed"] == 1
+    [line] = warnings()
+    assert "names no usable MTU (0" in line and "ICMP from 192.0.2.254" in line
+    assert "-8" not in line and "is 0" not in line

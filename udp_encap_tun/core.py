@@ -25,6 +25,7 @@ TX_NO_INTERFACE = "no_interface"  # the bound interface is gone (ENODEV)
 WARN_INTERVAL = 60.0  # seconds: at most one warning per kind and peer this often
 WARN_BURST = 10  # warnings of one kind, all peers together, per WARN_INTERVAL at most
 KEEPALIVE_ANSWER_INTERVAL = 1.0  # server: at most one keepalive answer per peer this often
+MIN_IPV4_MTU = 68  # RFC 791: an ICMP "fragmentation needed" naming less names none
 SILENCE = 10.0  # client: warn when a server has not been heard this long after we sent to it
 # ICMP errors about datagrams we sent (client: IP_RECVERR), by errno: counter, what it means
 ICMP_ERRORS = {
@@ -409,6 +410,11 @@ class Router:
             self.warn("unreachable", dest, now, "server %s:%d: port unreachable%s: nothing "
                       "listens on UDP port %d there (is --endpoint-port right, is the server "
                       "running?)", *dest, via, dest[1])
+        elif err == errno.EMSGSIZE and info < MIN_IPV4_MTU:
+            self.warn("path_mtu", dest, now, "server %s: a \"fragmentation needed\"%s names no "
+                      "usable MTU (%d: a broken router, or a forged message); the kernel lowers "
+                      "the path MTU to its minimum for a while: larger datagrams are refused",
+                      dest[0], via, info)
         elif err == errno.EMSGSIZE:
             self.warn("path_mtu", dest, now, "the path MTU to server %s is %d%s: datagrams "
                       "larger than that are refused; the tun MTU should be at most %d (--mtu)",
