@@ -26,7 +26,7 @@ WARN_INTERVAL = 60.0  # seconds: at most one warning per kind and peer this ofte
 WARN_BURST = 10  # warnings of one kind, all peers together, per WARN_INTERVAL at most
 KEEPALIVE_ANSWER_INTERVAL = 1.0  # server: at most one keepalive answer per peer this often
 MIN_IPV4_MTU = 68  # RFC 791: an ICMP "fragmentation needed" naming less names none
-SILENCE = 10.0  # client: warn when a server has not been heard this long after we sent to it
+SILENCE = 10.0  # client: warn when we have sent to a server this long and heard nothing back
 # ICMP errors about datagrams we sent (client: IP_RECVERR), by errno: counter, what it means
 ICMP_ERRORS = {
     errno.ECONNREFUSED: ("icmp_port_unreachable", "port unreachable"),
@@ -81,7 +81,8 @@ class Warnings:
 class ServerState:
     """Client: what we know of one server (host, port)."""
 
-    __slots__ = ("src", "last_sent", "last_heard", "silent_since", "silence_warned")
+    __slots__ = ("src", "last_sent", "last_heard", "silent_since", "silence_warned",
+                 "answerable")
 
     def __init__(self, host: str):
         self.src = socket.inet_aton(host)  # what its segments get as IPv4 source
@@ -89,6 +90,9 @@ class ServerState:
         self.last_heard: float | None = None  # any datagram from it
         self.silent_since: float | None = None  # a send after which nothing came back
         self.silence_warned: float | None = None
+        # the last send as the previous tick saw it: a send that has had a tick's
+        # time (about a second) to be answered
+        self.answerable: float | None = None
 
 
 class Router:
@@ -358,6 +362,7 @@ class Router:
             if data is not None and (server.last_sent is None or data > server.last_sent):
                 server.last_sent = data
             sent, heard = server.last_sent, server.last_heard
+            answerable, server.answerable = server.answerable, sent
             if server.silent_since is not None and heard is not None \
                     and heard >= server.silent_since:
                 server.silent_since = None
@@ -366,7 +371,11 @@ class Router:
                     log.info("server %s:%d answers again", *dest)
             if server.silent_since is None and sent is not None and (heard is None or sent > heard):
                 server.silent_since = sent
-            if server.silent_since is not None and now - server.silent_since >= SILENCE and (
+            # Silence is sending for SILENCE seconds with nothing back: a lone last
+            # segment (the final ACK of an exchange) draws no reply, and a send
+            # after a pause has not had the time to be answered yet.
+            if server.silent_since is not None and answerable is not None \
+                    and answerable - server.silent_since >= SILENCE and (
                     server.silence_warned is None or sent > server.silence_warned):
                 if self._warn_silent(dest, server, now):
                     server.silence_warned = now
