@@ -349,9 +349,9 @@ def run(args) -> None:
         signal.signal(signum, signal.SIG_IGN)
     if args.wire == "tcp-in-udp":
         from . import tiudev
-        _index, link = link_info(args.bind_to_interface)
+        bind_index, link = link_info(args.bind_to_interface)
         mtu = args.mtu or min(link, 65535)  # no overhead: the link's MTU
-        return tiudev.run(args, mtu, lambda mtu: _services(args))
+        return tiudev.run(args, mtu, lambda mtu: _services(args), bind_index, link)
     if args.endpoint_port is None and args.address_pool:
         AddressPool(args.address_pool)  # validate before touching anything
     keys = Keys(load_psk(args.psk_file)) if args.psk_file else None

@@ -76,6 +76,7 @@ class Service:
 
 class Tunnel:
     tun_header_len = 0  # bytes in front of each packet read from or written to the tun
+    tiu_wire = False  # the wire payloads are TCP-in-UDP's (tiudev.py), not TCP segments
     rx_size = BUFSIZE  # the RX buffer's room for received datagrams
 
     def __init__(self, router: Router, tun, sock: socket.socket, clock=time.monotonic,
@@ -462,7 +463,7 @@ class Tunnel:
             self.counters["tx_drop_message_too_long"] += 1
             return None
         self.counters["tx_resegmented"] += 1
-        return ol.tso_split(pkt[:total], min(size, payload))
+        return ol.tso_split(pkt[:total], min(size, payload), tiu=self.tiu_wire)
 
     def not_tcp(self, datagram, reason: str, peer, now: float) -> None:
         """A datagram that is no TCP segment: keepalive, control message or junk."""

@@ -8,17 +8,20 @@ from __future__ import annotations
 from typing import NamedTuple
 
 LINK_OVERHEAD = 8  # the UDP header: a TCP segment in UDP costs 8 bytes more than in IPv4
-WIRE_OVERHEAD = 28  # IPv4 + UDP headers in front of each wire segment (a TCP segment)
+TIU_OVERHEAD = 0  # --wire tcp-in-udp: the datagram is exactly as long as the segment
+IPV4_HEADER = 20
 TCP_IP_HEADERS = 40  # MSS = MTU - 40 (IPv4 and TCP headers without options)
 MIN_MTU = 68  # IPv4's minimum, and the smallest MTU the kernel lets a tun have
 MAX_MTU = 65535 - LINK_OVERHEAD  # the largest packet whose datagram IPv4 can still carry
 
 
-def tun_mtu_for(link_mtu: int, explicit: int | None = None) -> int:
+def tun_mtu_for(link_mtu: int, explicit: int | None = None,
+                overhead: int = LINK_OVERHEAD) -> int:
     """The tun MTU for a bound interface of *link_mtu*: what fits in one
-    datagram (link MTU - 8); an explicit ``--mtu`` is a ceiling (kept while it
-    fits, lowered to what fits when the link shrinks)."""
-    mtu = min(link_mtu - LINK_OVERHEAD, MAX_MTU)
+    datagram (link MTU - *overhead*: 8 on the default wire, 0 in tcp-in-udp);
+    an explicit ``--mtu`` is a ceiling (kept while it fits, lowered to what
+    fits when the link shrinks)."""
+    mtu = min(link_mtu - overhead, 65535 - overhead)
     if explicit:
         mtu = min(explicit, mtu)
     return max(MIN_MTU, mtu)
@@ -55,10 +58,13 @@ class Links:
     link with the name appears at another index (ppp, wwan and VPN links are
     re-created on every reconnect) the socket must be bound again.  The tun
     MTU follows the bound interface's MTU (see tun_mtu_for) and the MSS clamp
-    follows the tun's MTU, whoever set it."""
+    follows the tun's MTU, whoever set it.  *overhead* is what the wire adds
+    to a TCP segment: LINK_OVERHEAD on the default wire, TIU_OVERHEAD (and no
+    clamp) with ``--wire tcp-in-udp``."""
 
     def __init__(self, tun_index: int, tun_mtu: int, bind_name: str, bind_index: int | None,
-                 bind_mtu: int | None, explicit_mtu: int | None = None, clamp: bool = True):
+                 bind_mtu: int | None, explicit_mtu: int | None = None, clamp: bool = True,
+                 overhead: int = LINK_OVERHEAD):
         self.tun_index = tun_index
         self.tun_mtu = tun_mtu
         self.bind_name = bind_name
@@ -66,6 +72,7 @@ class Links:
         self.bind_mtu = bind_mtu
         self.explicit_mtu = explicit_mtu
         self.clamp = clamp
+        self.overhead = overhead
         self.tun_gone = False
 
     @property
@@ -79,9 +86,9 @@ class Links:
 
     @property
     def max_segment(self) -> int | None:
-        """The largest wire segment (TCP header + payload) one datagram on the
+        """The largest TCP segment (header + payload) one datagram on the
         bound interface carries unfragmented (None: MTU unknown)."""
-        return self.bind_mtu - WIRE_OVERHEAD if self.bind_mtu else None
+        return self.bind_mtu - IPV4_HEADER - self.overhead if self.bind_mtu else None
 
     def update(self, events) -> Changes:
         """Take link events in the order the kernel sent them."""
@@ -118,7 +125,7 @@ class Links:
             return
         self.bind_mtu = mtu
         ch.bind_mtu_changed = True
-        want = tun_mtu_for(mtu, self.explicit_mtu)
+        want = tun_mtu_for(mtu, self.explicit_mtu, self.overhead)
         if want != self.tun_mtu:
             ch.set_tun_mtu = want
 

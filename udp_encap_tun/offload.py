@@ -37,7 +37,7 @@ from .packet import (
     fold,
     write_ipv4_header,
 )
-from .tiu import UDP_HEADER_LEN, encode_payload, wire_header
+from .tiu import UDP_HEADER_LEN, decode_payload, encode_payload, wire_header
 
 VNET_HDR = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
 VNET_HDR_LEN = 10
@@ -160,12 +160,13 @@ def tso_split(packet, gso_size: int, max_segments: int = UDP_MAX_SEGMENTS,
     return batches
 
 
-def recut(data, size: int, max_size: int) -> list[tuple[object, int]]:
+def recut(data, size: int, max_size: int, tiu: bool = False) -> list[tuple[object, int]]:
     """The wire segments of one batch (*data*: segments of *size* bytes, the
     last one shorter or equal) cut again so that none exceeds *max_size* bytes,
     as batches for send_batches.  A segment that fits is kept as it is; one that
     does not becomes pieces of ``max_size - its TCP header`` payload bytes each,
-    sequence numbers and flags as tso_split sets them."""
+    sequence numbers and flags as tso_split sets them.  With *tiu* the segments
+    are TCP-in-UDP wire payloads (tiu.py), and so are the pieces."""
     mv = data if type(data) is memoryview else memoryview(data)
     out = []
     for off in range(0, len(mv), size):
@@ -174,9 +175,15 @@ def recut(data, size: int, max_size: int) -> list[tuple[object, int]]:
         if n <= max_size:
             out.append((seg, n))
             continue
+        if tiu:  # back to a TCP segment (ports and checksum do not matter: not sent)
+            doff = (seg[0] >> 4) << 2
+            seg = decode_payload(seg, bytes(4))
+            room = max_size + UDP_HEADER_LEN - doff
+        else:
+            room = max_size - ((seg[12] >> 4) << 2)
         pkt = bytearray(IPV4_HEADER_LEN) + seg  # tso_split cuts IPv4 packets
         pkt[2:4] = len(pkt).to_bytes(2, "big")
-        out.extend(tso_split(pkt, max_size - ((seg[12] >> 4) << 2)))
+        out.extend(tso_split(pkt, room, tiu=tiu))
     return out
 
 

@@ -426,18 +426,20 @@ def render_text(doc: dict) -> str:
         head += f", up {format_duration(doc['uptime'])}"
     lines.append(head)
     udp = f"{doc.get('listen_address') or '0.0.0.0'}:{doc.get('listen_port')}"
+    bound = ""
     if doc.get("bind_interface"):
-        udp += f" on {doc['bind_interface']}"
+        bound = f" on {doc['bind_interface']}"
         if doc.get("bind_interface_present") is False:
-            udp += " (MISSING: datagrams are dropped until an interface of that name is back)"
+            bound += " (MISSING: datagrams are dropped until an interface of that name is back)"
         elif doc.get("link_mtu"):
-            udp += f" (MTU {doc['link_mtu']})"
+            bound += f" (MTU {doc['link_mtu']})"
+    udp += bound
     if doc.get("endpoint_port") is not None:
         udp += f", sends to each destination's UDP port {doc['endpoint_port']}"
     facts = [("UDP socket", udp)]
     if doc.get("wire") == "tcp-in-udp":
         facts = [("wire", f"tcp-in-udp, {'to' if doc['mode'] == 'client' else 'on'} ports "
-                          f"{doc['ports']} on {doc.get('bind_interface')}")]
+                          f"{doc['ports']}{bound}")]
     tun = doc.get("tun_address") or "no address"
     if doc.get("mtu"):
         tun += f", MTU {doc['mtu']}"

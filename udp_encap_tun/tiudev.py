@@ -25,6 +25,7 @@ from .conn import (SOL_UDP, UDP_GRO, UDP_SEGMENT, open_udp, probe_udp_offload, s
                    set_path_mtu_discovery)
 from .device import BATCH, BUFSIZE, RX_BATCH, SMALL, OffloadTunnel, Tunnel
 from .errors import OperatorError
+from .faults import TIU_OVERHEAD, Links
 from .tiumode import MAX_PORTS, TiuRouter, count_ports, format_ranges, parse_port_ranges
 
 log = logging.getLogger(__name__)
@@ -87,17 +88,23 @@ def _describe(spec: dict) -> str:
     return " ".join(f"{k} {v}" for k, v in spec.items() if k != "family")
 
 
-def interface_address(ifname: str) -> str:
-    """The first IPv4 address of *ifname* (the client's inner and outer source)."""
+def interface_addresses(ifname: str) -> list[str]:
+    """The IPv4 addresses of *ifname* (OperatorError if there is no such interface)."""
     with IPRoute() as ipr:
         index = ipr.link_lookup(ifname=ifname)
         if not index:
             raise OperatorError(f"no such interface: {ifname}")
         addrs = ipr.get_addr(index=index[0], family=socket.AF_INET)
+    return [a.get_attr("IFA_ADDRESS") for a in addrs]
+
+
+def interface_address(ifname: str) -> str:
+    """The first IPv4 address of *ifname* (the client's inner and outer source)."""
+    addrs = interface_addresses(ifname)
     if not addrs:
         raise OperatorError(f"--bind-to-interface {ifname} has no IPv4 address: the client's "
                             "TCP takes it as its source")
-    return addrs[0].get_attr("IFA_ADDRESS")
+    return addrs[0]
 
 
 class RpFilter:
@@ -156,10 +163,14 @@ class _TiuMixin:
     layout, and the receive side of every socket."""
 
     router: TiuRouter
+    tiu_wire = True  # cut_to_fit and the re-cut make wire payloads
 
-    def setup(self, sockets: dict, device: str, flow_buffer: int = FLOW_BUFFER):
+    def setup(self, sockets: dict, device: str, flow_buffer: int = FLOW_BUFFER,
+              source: str | None = None):
         self.sockets = sockets  # server: listen port -> socket
         self.device = device
+        self.source = source  # client: the bound interface's address (the TCP source)
+        self.check_source = False  # client: the interface is back; is its address too?
         self.flow_buffer = flow_buffer
         self.rx_payload = self.rx_start + tiu.UDP_HEADER_LEN  # where a wire payload lands
         self._aton: dict = {}
@@ -205,9 +216,19 @@ class _TiuMixin:
         return flow.dest, flow
 
     def wire_segments(self, pkt, total: int):
+        if total - 20 > self.max_segment:  # the bound link's MTU fell below the tun's
+            return self.cut_to_fit(pkt, total, total)
         return ((tiu.encode_payload(pkt[20:total]), total - 28),)
 
     def send_batches(self, batches, dest) -> tuple[int, int]:
+        packets, nbytes = self._send(batches, dest, True)
+        self.counters["tx_packets"] += packets
+        self.counters["tx_bytes"] += nbytes
+        return packets, nbytes
+
+    def _send(self, batches, dest, recut: bool) -> tuple[int, int]:
+        """Send wire payloads; one the kernel refuses as too long because the
+        bound link's MTU just fell is cut to fit (once) and sent again."""
         sock, addr, cmsg, peer = dest
         gso = getattr(self, "gso", False)
         packets = nbytes = 0
@@ -226,18 +247,74 @@ class _TiuMixin:
                     else:
                         sock.sendmsg((piece,), anc, 0, addr)
             except OSError as exc:
-                self._send_error(exc, peer, min(n, size))
+                if (recut and exc.errno == errno.EMSGSIZE
+                        and self._shrunk(min(n, size) + tiu.UDP_HEADER_LEN)):
+                    self.counters["tx_resegmented"] += 1
+                    sent = self._send(ol.recut(data, size, self.max_segment - tiu.UDP_HEADER_LEN,
+                                               tiu=True), dest, False)
+                    packets += sent[0]
+                    nbytes += sent[1]
+                else:
+                    self._send_error(exc, peer, min(n, size))
                 continue
             packets += -(-n // size)
             nbytes += n
-        self.counters["tx_packets"] += packets
-        self.counters["tx_bytes"] += nbytes
         return packets, nbytes
 
     def housekeeping(self, now: float) -> None:
         for flow in self.router.expire(now):
             self._close_flow(flow)
+        if self.check_source:
+            self._check_source()
         super().housekeeping(now)
+
+    # -- the bound interface re-created ------------------------------------------
+    def rebind(self) -> None:
+        """An interface of the bound name is back (at a new index): every socket
+        of the mode (the listen sockets, the client's flow sockets) is bound to
+        it again, in place (a flow socket keeps its address and port: the
+        server's datagrams keep arriving on it).  A flow socket that cannot be
+        is closed (its flow is opened again by its next packet)."""
+        name = self.links.bind_name
+        try:
+            for sock in self.sockets.values():
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, name.encode())
+        except OSError as exc:  # EPERM without CAP_NET_RAW; ENODEV if gone again
+            self.links.bind_index = None  # still missing; the next event of it retries
+            log.error("cannot bind the UDP sockets to %s again: %s", name, exc.strerror)
+            return
+        count = len(self.sockets)
+        for flow in list(self.router.flows.values()):
+            if flow.sock is None:
+                continue
+            try:
+                flow.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, name.encode())
+            except OSError as exc:
+                log.debug("flow socket %s:%d: %s", *flow.local, exc.strerror)
+                self._close_flow(flow)
+                self.router.forget(flow)
+                continue
+            count += 1
+        log.info("bound interface %s is back (index %d): %d UDP sockets bound to it again",
+                 name, self.links.bind_index, count)
+        self.check_source = self.router.client
+
+    def _check_source(self) -> None:
+        """Client, each tick after the bound interface came back: once it has an
+        IPv4 address again, it must be the one the policy rules, the route's
+        source and the TCP connections use; another one ends the daemon (exit
+        1: a service manager starts it again with the new address)."""
+        try:
+            addresses = interface_addresses(self.links.bind_name)
+        except Exception as exc:  # gone again: the next rebind checks again
+            log.debug("addresses of %s: %s", self.links.bind_name, exc)
+            return
+        if not addresses:
+            return  # not given its address yet
+        self.check_source = False
+        if self.source not in addresses:
+            self.fail(f"bound interface {self.links.bind_name} is back with the address "
+                      f"{addresses[0]}, not {self.source}: exiting (restart to use it)")
 
     def describe_flows(self, now: float) -> dict:
         """The status document's part of this mode: the newest SHOWN_FLOWS flows
@@ -252,7 +329,8 @@ class _TiuMixin:
                           "age": round(max(0.0, now - f.created), 1),
                           "rx_packets": f.rx_packets, "rx_bytes": f.rx_bytes,
                           "tx_packets": f.tx_packets, "tx_bytes": f.tx_bytes})
-        return {"wire": "tcp-in-udp", "ports": format_ranges(router.ranges), "mtu": self.tun_mtu,
+        mtu = self.links.tun_mtu if self.links is not None else self.tun_mtu
+        return {"wire": "tcp-in-udp", "ports": format_ranges(router.ranges), "mtu": mtu,
                 "flow_timeout": router.timeout, "max_flows": router.max_flows,
                 "flow_count": len(flows), "flows": shown}
 
@@ -260,6 +338,11 @@ class _TiuMixin:
     def _open_flow(self, flow) -> bool:
         """The UDP socket of a client flow: bound to the TCP source address and
         port on the bound interface, connected to the server's address and port."""
+        if self.links is not None and not self.links.bind_present:
+            self.router.forget(flow)
+            self.router.count_rarely_logged("tx_drop_no_interface", "bound interface %s is "
+                                            "missing", self.links.bind_name, now=self.clock())
+            return False
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
                              | socket.SOCK_NONBLOCK)
         try:
@@ -384,9 +467,10 @@ class _TiuMixin:
 class TiuTunnel(_TiuMixin, Tunnel):
     """The simple path in TCP-in-UDP mode."""
 
-    def __init__(self, router: TiuRouter, tun, sockets: dict, device: str, services=()):
-        super().__init__(router, tun, None, services=services)
-        self.setup(sockets, device)
+    def __init__(self, router: TiuRouter, tun, sockets: dict, device: str, services=(),
+                 links: Links | None = None, source: str | None = None):
+        super().__init__(router, tun, None, services=services, links=links)
+        self.setup(sockets, device, source=source)
 
 
 class TiuOffloadTunnel(_TiuMixin, OffloadTunnel):
@@ -394,15 +478,19 @@ class TiuOffloadTunnel(_TiuMixin, OffloadTunnel):
     payloads (sent with UDP GSO per socket), GRO buffers coalesced again."""
 
     def __init__(self, router: TiuRouter, tun, sockets: dict, device: str, gso: bool,
-                 gro: bool, services=()):
-        super().__init__(router, tun, None, gso, gro, services=services)
-        self.setup(sockets, device)
+                 gro: bool, services=(), links: Links | None = None, source: str | None = None):
+        super().__init__(router, tun, None, gso, gro, services=services, links=links)
+        self.setup(sockets, device, source=source)
 
     def wire_segments(self, pkt, total: int):
         if self.txbuf[1] == ol.GSO_NONE:
+            if total - 20 > self.max_segment:
+                return self.cut_to_fit(pkt, total, total)
             return ((tiu.encode_payload(pkt[20:total]), total - 28),)
         gso_type, gso_size = self._unpack_vnet(self.txbuf, 0)[1:4:2]
         if gso_type & ~ol.GSO_ECN == ol.GSO_TCPV4 and gso_size:
+            if ((pkt[32] >> 4) << 2) + gso_size > self.max_segment:
+                return self.cut_to_fit(pkt, total, gso_size)
             return ol.tso_split(pkt[:total], gso_size, tiu=True)
         self.counters["tx_drop_unsupported_gso"] += 1
         return None
@@ -566,8 +654,11 @@ def port_ranges(option: str, items) -> list:
     return ranges
 
 
-def run(args, mtu: int | None, services_for) -> None:
-    """Start the TCP-in-UDP mode with the parsed command line; returns when it stopped."""
+def run(args, mtu: int | None, services_for, bind_index: int | None = None,
+        bind_mtu: int | None = None) -> None:
+    """Start the TCP-in-UDP mode with the parsed command line; returns when it
+    stopped.  The loop follows the tun and the bound interface (*bind_index*,
+    *bind_mtu* at start) with faults.Links, without overhead or MSS clamp."""
     from .tun import Tun
 
     client = args.endpoint_port is not None
@@ -593,6 +684,7 @@ def run(args, mtu: int | None, services_for) -> None:
                                 "tunnelled TCP ports")
         ranges = port_ranges("--listen-port", args.listen_port_all)
         sockets = open_listen_sockets(ranges, args.bind_to_interface, args.listen_address)
+        source = None
     tun = routing = rp = None
     router = TiuRouter(client, ranges, args.peer_timeout, args.max_peers, args.admission_rate)
     tunnel = None
@@ -624,6 +716,8 @@ def run(args, mtu: int | None, services_for) -> None:
             for lo, hi in ranges:
                 routing.rule(RULE_PRIORITY + 1, sport_range=f"{lo}:{hi}")
         services = services_for(mtu)
+        links = Links(tun.index, mtu, args.bind_to_interface, bind_index, bind_mtu,
+                      explicit_mtu=args.mtu, clamp=False, overhead=TIU_OVERHEAD)
         if offload:
             probe = next(iter(sockets.values()), None)
             if probe is None:
@@ -638,9 +732,10 @@ def run(args, mtu: int | None, services_for) -> None:
                     if gro:
                         sock.setsockopt(SOL_UDP, UDP_GRO, 1)
             tunnel = TiuOffloadTunnel(router, tun, sockets, args.bind_to_interface, gso, gro,
-                                      services=services)
+                                      services=services, links=links, source=source)
         else:
-            tunnel = TiuTunnel(router, tun, sockets, args.bind_to_interface, services=services)
+            tunnel = TiuTunnel(router, tun, sockets, args.bind_to_interface, services=services,
+                               links=links, source=source)
         tunnel.tun_mtu = mtu
         log.info("wire: tcp-in-udp, %s %s; data path: %s", "client to ports" if client else
                  "server on ports", format_ranges(ranges), tunnel.data_path)
