@@ -175,3 +175,49 @@ def test_status_line_prometheus_and_text_for_flows():
     assert "udp_encap_tun_peers{" not in prom and "peers_added" not in prom, prom
     text = status.render_text(doc)
     assert "flows:" in text and "192.0.2.1:40000" in text and "2 older flows" in text, text
+
+
+# -- flow expiry --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("base", [0.0, 1e9])
+def test_flow_expiry_by_last_activity_whatever_the_clock(base):
+    router = TiuRouter(False, [(7000, 7009)], timeout=10, admission_rate=1000)
+    a = router.rx_flow(LOCAL, REMOTE, 7001, 40000, now=base)
+    b = router.rx_flow(LOCAL, REMOTE, 7002, 40001, now=base + 1)
+    router.rx_flow(LOCAL, REMOTE, 7001, 40000, now=base + 8)  # a active again
+    assert router.expire(base + 10.5) == []  # b: 9.5 s idle, a: 2.5 s
+    assert router.expire(base + 11.5) == [b]
+    b.last = base  # the I/O edge sets ``last`` without moving the flow
+    a.last = base + 18  # e.g. the client's RX
+    assert router.expire(base + 18.5) == [] and list(router.flows.values()) == [a]
+    assert router.expire(base + 28.5) == [a]
+    assert router.counters["flows_expired"] == 2 and not router.order
+
+
+def test_flow_moves_at_most_once_a_second():
+    router = TiuRouter(False, [(7000, 7009)], timeout=300, admission_rate=1000)
+    a = router.rx_flow(LOCAL, REMOTE, 7001, 40000, now=5.0)
+    b = router.rx_flow(LOCAL, REMOTE, 7002, 40001, now=5.0)
+    router.rx_flow(LOCAL, REMOTE, 7001, 40000, now=5.5)
+    assert list(router.order.values()) == [a, b] and a.last == 5.5  # not moved yet
+    assert router.rx_flow(LOCAL, REMOTE, 7001, 40000, now=6.0) is a  # a second later: moved
+    assert list(router.order.values()) == [b, a] and a.moved == 6.0
+
+
+def test_expiry_looks_only_at_what_is_due():
+    """Only the front of the order is examined: a flow behind a live one is
+    not looked at (a scan of the whole table would find this one idle)."""
+    router = TiuRouter(False, [(7000, 7009)], timeout=10, admission_rate=1e6)
+    flows = [router.rx_flow(LOCAL, REMOTE, 7001, 40000 + k, now=100.0 + k) for k in range(1000)]
+    flows[500].last = 0.0  # idle by its own clock, but behind live flows in the order
+    assert router.expire(109.5) == []
+    gone = router.expire(111.5)
+    assert gone == flows[:2] and flows[500].key in router.flows
+
+
+def test_forget_keeps_both_views_in_step():
+    router = TiuRouter(False, [(7000, 7009)], admission_rate=1000)
+    a = router.rx_flow(LOCAL, REMOTE, 7001, 40000, now=0.0)
+    router.forget(a)
+    assert not router.flows and not router.order

@@ -15,7 +15,10 @@ read from the tun (source = local).
   datagrams arrive on the flow's own socket.
 
 Flows are forgotten ``timeout`` seconds after their last packet; a client
-flow's socket is closed then.
+flow's socket is closed then.  Expiry costs what expires, not the table: flows
+are also kept in an OrderedDict in the order they were last moved, and a flow
+moves to its end at most once a second (TX and RX only set ``last`` between
+moves), as the peer store does.  The clock is the caller's ``now``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from . import auth
@@ -31,6 +35,7 @@ from .core import Counters, Router, Warnings
 log = logging.getLogger(__name__)
 
 MAX_PORTS = 4096  # listen or endpoint ports at most (server: one socket each)
+REFRESH_INTERVAL = 1.0  # a flow moves in the expiry order at most this often
 _PORTS = struct.Struct("!HH")
 
 
@@ -74,7 +79,8 @@ def format_ranges(ranges) -> str:
 class Flow:
     key: bytes  # local address, remote address, local port, remote port (12 bytes)
     created: float
-    last: float
+    last: float  # its last packet
+    moved: float = 0.0  # when it last moved to the end of TiuRouter.order
     sock: object = None  # client: the flow's UDP socket (the I/O edge's)
     dest: object = None  # client: where its packets go, as the I/O edge sends them
     rx_packets: int = 0
@@ -114,7 +120,9 @@ class TiuRouter:
         self.ports = frozenset(p for lo, hi in self.ranges for p in range(lo, hi + 1))
         self.timeout = timeout
         self.max_flows = max_flows
-        self.flows: dict[bytes, Flow] = {}
+        self.flows: dict[bytes, Flow] = {}  # by key, in the order they were added
+        self.order: OrderedDict[bytes, Flow] = OrderedDict()  # the same, by last move
+        self.refresh = min(REFRESH_INTERVAL, timeout / 4)
         self.counters = Counters()
         self.outbox: list = []
         self.admission = auth.TokenBucket(admission_rate, max(1.0, admission_rate))
@@ -147,7 +155,7 @@ class TiuRouter:
                                          "refusing a new flow: --max-peers flows exist",
                                          now=now, amount=count)
                 return None
-        flow = self.flows[key] = Flow(key, now, now)
+        flow = self.flows[key] = self.order[key] = Flow(key, now, now, now)
         self.counters["flows_added"] += 1
         return flow
 
@@ -168,6 +176,9 @@ class TiuRouter:
             if flow is None:
                 return None
         flow.last = now
+        if now - flow.moved >= self.refresh:
+            flow.moved = now
+            self.order.move_to_end(key)
         return flow
 
     def rx_flow(self, local_ip: bytes, remote_ip: bytes, local_port: int, remote_port: int,
@@ -187,18 +198,35 @@ class TiuRouter:
             if flow is None:
                 return None
         flow.last = now
+        if now - flow.moved >= self.refresh:
+            flow.moved = now
+            self.order.move_to_end(key)
         return flow
 
     def forget(self, flow: Flow) -> None:
         if self.flows.get(flow.key) is flow:
             del self.flows[flow.key]
+            del self.order[flow.key]
 
     def expire(self, now: float) -> list[Flow]:
-        """Forget the flows idle for ``timeout``; return them (their sockets to close)."""
+        """Forget the flows idle for ``timeout``; return them (their sockets to
+        close).  Looks only at the front of ``order``: the flows not moved for
+        ``timeout``.  One of them that had packets since (``last``, set without
+        a move by TX, RX and the I/O edge) moves to the end instead: a flow is
+        never forgotten early, and at most about a second late."""
         limit = now - self.timeout
-        gone = [f for f in self.flows.values() if f.last <= limit]
-        for flow in gone:
-            del self.flows[flow.key]
+        order, flows, gone = self.order, self.flows, []
+        while order:
+            flow = order[next(iter(order))]
+            if flow.moved > limit:
+                break
+            if flow.last > limit:
+                flow.moved = now
+                order.move_to_end(flow.key)
+                continue
+            del order[flow.key]
+            del flows[flow.key]
+            gone.append(flow)
         if gone:
             self.counters["flows_expired"] += len(gone)
         return gone
