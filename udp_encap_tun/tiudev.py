@@ -306,7 +306,7 @@ class _TiuMixin:
         1: a service manager starts it again with the new address)."""
         try:
             addresses = interface_addresses(self.links.bind_name)
-        except Exception as exc:  # gone again: the next rebind checks again
+        except Exception as exc:  # gone again (or netlink failed): tried at the next tick
             log.debug("addresses of %s: %s", self.links.bind_name, exc)
             return
         if not addresses:
