@@ -166,8 +166,11 @@ def test_each_tunnel_follows_its_link_mtu(make_lab):
     before = rx_bytes(lab)
     lab.transfer(SIZE, port=7001, direction="download")
     assert_real_shares(before, rx_bytes(lab))
+    # nothing dropped for its size; a send buffer that is full for a moment (a loaded
+    # machine, the shaped link backing up) is another matter and is not asserted on
     for *_, tun, _addr in LINKS:
-        drops = {k: v for k, v in lab.counters(tun).items() if "drop" in k and "not_ipv4" not in k}
+        drops = {k: v for k, v in lab.counters(tun).items()
+                 if "drop" in k and "not_ipv4" not in k and "send_buffer_full" not in k}
         assert not drops, (tun, drops)
 
 
