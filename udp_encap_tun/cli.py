@@ -341,7 +341,7 @@ def run(args) -> None:
     from .keepalive import Keepalive
     from .store import AddressPool
     from .faults import Links
-    from .tun import Tun, link_info
+    from .tun import link_info, open_tun
 
     # SIGUSR1/SIGHUP ask for the counters: while the loop runs it logs them, before
     # and after it (start-up, shutdown) they must not kill the process
@@ -362,15 +362,7 @@ def run(args) -> None:
     try:
         if args.endpoint_port is not None:
             enable_icmp_errors(sock)  # "port unreachable" from a server names it
-        offload = not args.no_offload
-        tun = Tun(args.interface, vnet_hdr=offload)
-        if offload and not tun.enable_offload():
-            tun.close()
-            tun, offload = None, False
-            tun = Tun(args.interface)
-        tun.configure(mtu)
-        if args.tun_address:
-            tun.add_address(args.tun_address)
+        tun, offload = open_tun(args.interface, mtu, args.tun_address, not args.no_offload)
         for cidr in args.route:
             tun.add_route(cidr)
         address_key = args.address_key.encode() or (keys.address if keys else b"")

@@ -659,7 +659,7 @@ def run(args, mtu: int | None, services_for, bind_index: int | None = None,
     """Start the TCP-in-UDP mode with the parsed command line; returns when it
     stopped.  The loop follows the tun and the bound interface (*bind_index*,
     *bind_mtu* at start) with faults.Links, without overhead or MSS clamp."""
-    from .tun import Tun
+    from .tun import open_tun
 
     client = args.endpoint_port is not None
     if client:
@@ -689,15 +689,7 @@ def run(args, mtu: int | None, services_for, bind_index: int | None = None,
     router = TiuRouter(client, ranges, args.peer_timeout, args.max_peers, args.admission_rate)
     tunnel = None
     try:
-        offload = not args.no_offload
-        tun = Tun(args.interface, vnet_hdr=offload)
-        if offload and not tun.enable_offload():
-            tun.close()
-            tun, offload = None, False
-            tun = Tun(args.interface)
-        tun.configure(mtu)
-        if args.tun_address:
-            tun.add_address(args.tun_address)
+        tun, offload = open_tun(args.interface, mtu, args.tun_address, not args.no_offload)
         tun.refresh_address()
         rp = RpFilter(tun)
         routing = PolicyRouting(tun.index)

@@ -263,6 +263,26 @@ class Tun:
         self.ipr.close()
 
 
+def open_tun(name: str, mtu: int, address: str | None, offload: bool) -> tuple[Tun, bool]:
+    """Open the tun *name* -- with TSO/checksum offload if *offload* and the kernel
+    grants it, else reopened without -- set its MTU, bring it up and give it
+    *address* (if any).  Returns (tun, offload granted); the tun is closed again
+    if configuring it fails."""
+    tun = Tun(name, vnet_hdr=offload)
+    if offload and not tun.enable_offload():
+        tun.close()
+        tun, offload = None, False
+        tun = Tun(name)
+    try:
+        tun.configure(mtu)
+        if address:
+            tun.add_address(address)
+    except BaseException:
+        tun.close()
+        raise
+    return tun, offload
+
+
 @contextlib.contextmanager
 def quiet_pyroute2():
     """pyroute2 logs a traceback of its own (ERROR) for a request it cannot
