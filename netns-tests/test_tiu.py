@@ -10,11 +10,11 @@ import re
 import socket
 import struct
 import sys
-import threading
 
 import pytest
 
 from uetlab import Lab, ToolProcess, assert_operator_error, wait_for
+from wirecap import UdpCapture
 
 from udp_encap_tun import packet as P
 from udp_encap_tun import tiu as tiu_codec
@@ -224,8 +224,6 @@ def test_hostile_datagrams_are_counted_and_dropped(tiu: TiuPair):
     assert_clean(tiu.server.stop())
 
 
-SOL_PACKET, PACKET_VNET_HDR, ETH_P_ALL = 263, 15, 0x0003
-VNET = struct.Struct("<BBHHHH")
 NO_OFFLOAD_FEATURES = """
 from pyroute2.ethtool import Ethtool
 e = Ethtool(); f = e.get_features(%r)
@@ -233,39 +231,6 @@ for name in ("tx-udp-segmentation", "tx-checksum-ip-generic"):
     f.features[name].enable = False
 e.set_features(%r, f)
 """
-
-
-class WireCapture:
-    """The IPv4 packets of every UDP frame on *ifname* (both directions), with
-    their virtio-net headers, read by a thread from an AF_PACKET socket."""
-
-    def __init__(self, ns, ifname: str):
-        self.frames: list[tuple[int, int, bytes]] = []  # (vnet flags, gso type, IP packet)
-        self.sock = ns.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ALL))
-        self.sock.setsockopt(SOL_PACKET, PACKET_VNET_HDR, 1)
-        self.sock.setsockopt(socket.SOL_SOCKET, 33, 32 << 20)  # SO_RCVBUFFORCE
-        self.sock.bind((ifname, ETH_P_ALL))
-        self.sock.settimeout(0.2)
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                frame = self.sock.recv(1 << 17)
-            except socket.timeout:
-                continue
-            flags, gso_type = VNET.unpack_from(frame)[:2]
-            ip = frame[VNET.size + 14:]
-            if frame[VNET.size + 12:VNET.size + 14] == b"\x08\x00" and ip[9] == 17:
-                self.frames.append((flags, gso_type, ip[:(ip[2] << 8) | ip[3]]))
-
-    def stop(self):
-        self.stopping.set()
-        self.thread.join(5)
-        self.sock.close()
-        return self.frames
 
 
 def test_wire_is_the_eBPF_format_one_segment_per_datagram(tiu: TiuPair):
@@ -276,18 +241,15 @@ def test_wire_is_the_eBPF_format_one_segment_per_datagram(tiu: TiuPair):
     both ways are byte-exact."""
     for ns, dev in ((tiu.c, tiu.vc), (tiu.s, tiu.vs)):
         ns.run(sys.executable, "-c", NO_OFFLOAD_FEATURES % (dev, dev))
-    capture = WireCapture(tiu.s, tiu.vs)
+    capture = UdpCapture(tiu.s, tiu.vs, ports=range(7000, 7010))
     try:
         tiu.lab.transfer(tiu.s, tiu.c, SERVER_IP, 7001, "upload", 4 * MB)
         tiu.lab.transfer(tiu.s, tiu.c, SERVER_IP, 7002, "download", 4 * MB)
     finally:
-        frames = capture.stop()
-    tunnel = [(f, g, ip) for f, g, ip in frames
-              if {struct.unpack_from("!H", ip, 20)[0], struct.unpack_from("!H", ip, 22)[0]}
-              & set(range(7000, 7010))]
-    to_server = [ip for _f, _g, ip in tunnel if ip[16:20] == socket.inet_aton(SERVER_IP)]
+        tunnel = capture.stop()
+    to_server = [f.ip for f in tunnel if f.ip[16:20] == socket.inet_aton(SERVER_IP)]
     assert len(to_server) > 4 * MB // 1500 and len(tunnel) - len(to_server) > 4 * MB // 1500
-    for flags, gso_type, ip in tunnel:
+    for flags, gso_type, _gso_size, ip in tunnel:
         assert gso_type == 0 and not flags & 1, (flags, gso_type)  # one datagram, checksummed
         assert struct.unpack_from("!H", ip, 24)[0] == len(ip) - 20
         assert struct.unpack_from("!H", ip, 6)[0] & 0x4000  # DF
