@@ -70,6 +70,30 @@ def test_default_mtu_follows_the_link():
         cli.tun_mtu(args, 70)
 
 
+def test_tcp_in_udp_mtu_that_does_not_fit_the_link_warns(caplog):
+    """--wire tcp-in-udp adds nothing to a segment: the limit is the link's MTU
+    itself, and the same start-up warning names it (without the MSS clamp,
+    which that mode does not have)."""
+    tiu = ["--wire", "tcp-in-udp"] + BASE
+    with caplog.at_level(logging.WARNING, logger="udp_encap_tun"):
+        assert cli.tun_mtu(cli.parse_args(tiu + ["--mtu", "1501"]), 1500) == 1501
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "1501" in record.getMessage() and "1500" in record.getMessage()
+    assert "clamp" not in record.getMessage() and "\n" not in record.getMessage()
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="udp_encap_tun"):
+        assert cli.tun_mtu(cli.parse_args(tiu + ["--mtu", "1500"]), 1500) == 1500
+    assert caplog.records == []
+
+
+def test_tcp_in_udp_default_mtu_is_the_link_mtu():
+    args = cli.parse_args(["--wire", "tcp-in-udp"] + BASE)
+    assert cli.tun_mtu(args, 1500) == 1500
+    assert cli.tun_mtu(args, 65536) == 65535
+
+
 @pytest.mark.parametrize("name", ["tun%d", "a/b", "a:b", "a b", "", "x" * 16, "..", "t\n0"])
 def test_bad_interface_name(capsys, name):
     line = refused(capsys, ["--interface", name] + BASE[2:])

@@ -16,7 +16,7 @@ import configargparse
 
 from . import __version__
 from .errors import LinkFault, OneLineErrors, OperatorError, interface_name_problem, positive, report
-from .faults import LINK_OVERHEAD, MAX_MTU, MIN_MTU
+from .faults import LINK_OVERHEAD, MAX_MTU, MIN_MTU, TIU_OVERHEAD, tun_mtu_for
 from .store import PoolError
 
 log = logging.getLogger("udp_encap_tun")
@@ -297,17 +297,22 @@ def parse_args(argv) -> argparse.Namespace:
 
 
 def tun_mtu(args, link: int) -> int:
-    """The tun MTU: --mtu, else what fits the link; warns if --mtu does not fit it."""
-    fits = link - LINK_OVERHEAD
+    """The tun MTU: --mtu, else what fits the link (its MTU minus what the wire adds
+    to a segment: 8 on the default wire, 0 with --wire tcp-in-udp); warns if --mtu
+    does not fit it."""
+    tiu = args.wire == "tcp-in-udp"
+    overhead = TIU_OVERHEAD if tiu else LINK_OVERHEAD
+    fits = link - overhead
     if args.mtu is None:
         if fits < MIN_MTU:
             raise OperatorError(f"{args.bind_to_interface} has MTU {link}: too small to carry "
-                                f"a tun of MTU {MIN_MTU} ({LINK_OVERHEAD} bytes more)")
-        return min(fits, MAX_MTU)
+                                f"a tun of MTU {MIN_MTU} ({overhead} bytes more)")
+        return tun_mtu_for(link, overhead=overhead)
     if args.mtu > fits:
         log.warning("--mtu %d is more than %s's MTU %d minus %d: larger TCP packets are cut "
-                    "into segments that fit (counted tx_resegmented); the MSS clamp follows "
-                    "--mtu", args.mtu, args.bind_to_interface, link, LINK_OVERHEAD)
+                    "into segments that fit (counted tx_resegmented)%s", args.mtu,
+                    args.bind_to_interface, link, overhead,
+                    "" if tiu else "; the MSS clamp follows --mtu")
     return args.mtu
 
 
@@ -350,8 +355,7 @@ def run(args) -> None:
     if args.wire == "tcp-in-udp":
         from . import tiudev
         bind_index, link = link_info(args.bind_to_interface)
-        mtu = args.mtu or min(link, 65535)  # no overhead: the link's MTU
-        return tiudev.run(args, mtu, lambda mtu: _services(args), bind_index, link)
+        return tiudev.run(args, tun_mtu(args, link), lambda mtu: _services(args), bind_index, link)
     if args.endpoint_port is None and args.address_pool:
         AddressPool(args.address_pool)  # validate before touching anything
     keys = Keys(load_psk(args.psk_file)) if args.psk_file else None
