@@ -24,6 +24,17 @@ def set_mtu(ns, ifname: str, mtu: int) -> None:
         ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], mtu=mtu)
 
 
+def wait_bind_missing(pair) -> None:
+    """Both ends' status says the bound interface is missing (the client's
+    text status too), once the veth between them is deleted."""
+    for ns, tun in ((pair.c, pair.ctun), (pair.s, pair.stun)):
+        wait_for(lambda: status(ns, tun)["bind_interface_present"] is False, 20,
+                 what=f"status of {tun} to say the bound interface is missing")
+    text = pair.c.run(sys.executable, "-m", "udp_encap_tun", "status", "--interface",
+                      pair.ctun).stdout
+    assert f"on {pair.vc} (MISSING" in text, text
+
+
 def delete_link(ns, ifname: str) -> None:
     with ns.ipr() as ipr:
         ipr.link("del", index=ipr.link_lookup(ifname=ifname)[0])
@@ -87,12 +98,7 @@ def test_bound_interface_deleted_and_recreated(tunnel: Pair):
     before = tunnel.client.counters()
     old = link_info(tunnel.c, tunnel.vc)["index"]
     delete_link(tunnel.c, tunnel.vc)  # takes its peer in S with it
-    for ns, tun in ((tunnel.c, tunnel.ctun), (tunnel.s, tunnel.stun)):
-        wait_for(lambda: status(ns, tun)["bind_interface_present"] is False, 20,
-                 what=f"status of {tun} to say the bound interface is missing")
-    text = tunnel.c.run(sys.executable, "-m", "udp_encap_tun", "status", "--interface",
-                        tunnel.ctun).stdout
-    assert f"on {tunnel.vc} (MISSING" in text, text
+    wait_bind_missing(tunnel)
 
     # TCP into the client tunnel meanwhile: its SYNs are dropped by name
     probe = tunnel.c.socket(type=socket.SOCK_STREAM)

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import threading
 
 from ops_tools import link_info, wait_counter
-from test_links import delete_link, set_mtu, status
+from test_links import delete_link, set_mtu, status, wait_bind_missing
 from test_tiu import CLIENT_IP, SERVER_IP, TiuPair, assert_clean, tiu  # noqa: F401 (fixture)
 from uetlab import counter_delta, wait_for
 
@@ -66,12 +65,7 @@ def test_bound_interface_deleted_and_recreated(tiu: TiuPair):
     exchange(client_end, server_end, 256 << 10)
     before = tiu.client.counters()
     delete_link(tiu.c, tiu.vc)  # takes its peer in S with it
-    for ns, tun in ((tiu.c, tiu.ctun), (tiu.s, tiu.stun)):
-        wait_for(lambda: status(ns, tun)["bind_interface_present"] is False, 20,
-                 what=f"status of {tun} to say the bound interface is missing")
-    text = tiu.c.run(sys.executable, "-m", "udp_encap_tun", "status", "--interface",
-                     tiu.ctun).stdout
-    assert f"on {tiu.vc} (MISSING" in text, text
+    wait_bind_missing(tiu)
     # the address went with the link: TCP holds this until it is back
     client_end.send(b"x" * 1000)
 

@@ -183,6 +183,7 @@ class FakeTun:
     """The tun and its netlink monitor: drain_monitor hands over *events* once."""
 
     name, index, fd = "tun0", TUN, -1
+    address = network = None
 
     def __init__(self, events=()):
         self.events = list(events)

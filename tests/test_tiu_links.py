@@ -8,6 +8,8 @@ import struct
 
 import pytest
 
+from test_faults import FakeTun
+
 from udp_encap_tun import offload, packet, status, tiu, tiudev
 from udp_encap_tun.faults import TIU_OVERHEAD, LinkEvent, Links, tun_mtu_for
 from udp_encap_tun.tiudev import TiuOffloadTunnel, TiuTunnel
@@ -69,22 +71,6 @@ class FakeSocket:
 
     def close(self):
         self.closed = True
-
-
-class FakeTun:
-    name, index, fd = "tun0", TUN, -1
-    address = network = None
-
-    def __init__(self, events=()):
-        self.events = list(events)
-        self.mtus = []
-
-    def drain_monitor(self, names=()):
-        events, self.events = self.events, []
-        return False, events
-
-    def set_mtu(self, mtu):
-        self.mtus.append(mtu)
 
 
 def make(kind, client=False, ln=None, sockets=None, source=None):
