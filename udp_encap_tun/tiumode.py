@@ -175,10 +175,7 @@ class TiuRouter:
             flow = self._new_flow(key, now, "tx")
             if flow is None:
                 return None
-        flow.last = now
-        if now - flow.moved >= self.refresh:
-            flow.moved = now
-            self.order.move_to_end(key)
+        self._touch(flow, now)
         return flow
 
     def rx_flow(self, local_ip: bytes, remote_ip: bytes, local_port: int, remote_port: int,
@@ -197,11 +194,16 @@ class TiuRouter:
             flow = self._new_flow(key, now, "rx", count)
             if flow is None:
                 return None
+        self._touch(flow, now)
+        return flow
+
+    def _touch(self, flow: Flow, now: float) -> None:
+        """A packet of *flow*: it is live; it moves to the back of the expiry
+        order at most once every ``refresh`` seconds."""
         flow.last = now
         if now - flow.moved >= self.refresh:
             flow.moved = now
-            self.order.move_to_end(key)
-        return flow
+            self.order.move_to_end(flow.key)
 
     def forget(self, flow: Flow) -> None:
         if self.flows.get(flow.key) is flow:
