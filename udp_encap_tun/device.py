@@ -22,6 +22,7 @@ from .conn import PENDING_ICMP_ERRORS, REPORTED_ERRORS, SOL_UDP, UDP_GRO, UDP_SE
 from .core import Router
 from .errors import LinkFault
 from .faults import Links, ReadErrors
+from .service import Service  # noqa: F401  (services import it from here for now)
 from .store import PoolError
 
 log = logging.getLogger(__name__)
@@ -54,24 +55,6 @@ class Pending:
 
     def close(self) -> None:
         self._epoll.close()
-
-
-class Service:
-    """Something that lives beside the data path in the same loop (status
-    socket, service manager notification, keepalive...).  Override what you need."""
-
-    def watch(self, tunnel: "Tunnel"):
-        """(fd, callback) pairs to watch for reading; called once at start."""
-        return ()
-
-    def ready(self, tunnel: "Tunnel") -> None:
-        """The tun and the socket are up and the loop is about to run."""
-
-    def tick(self, tunnel: "Tunnel", now: float) -> None:
-        """Called about every HOUSEKEEPING seconds."""
-
-    def close(self, tunnel: "Tunnel") -> None:
-        """The loop has ended."""
 
 
 class Tunnel:
