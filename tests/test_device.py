@@ -12,6 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from testkit import ip_packet, tcp_segment
 from udp_encap_tun import conn, offload, packet
 from udp_encap_tun.conn import probe_udp_offload
 from udp_encap_tun.errors import OperatorError
@@ -94,10 +95,8 @@ def test_tx_path_cuts_a_tso_packet_and_counts_per_peer(sockets):
     try:
         tunnel = OffloadTunnel(router, SimpleNamespace(fd=rfd), tx, gso=False, gro=False)
         payload = bytes(range(256)) * 2 + b"end"
-        seg = struct.pack("!HHIIBBHHH", 40000, 7000, 1, 2, 5 << 4, packet.ACK | packet.PSH,
-                          500, 0, 0) + payload
-        pkt = bytearray(20) + seg
-        packet.write_ipv4_header(pkt, 0, len(pkt), 1, bytes([10, 9, 0, 1]), entry.address)
+        pkt = ip_packet(tcp_segment(payload, flags=packet.ACK | packet.PSH),
+                        bytes([10, 9, 0, 1]), entry.address)
         vnet = offload.VNET_HDR.pack(offload.NEEDS_CSUM, offload.GSO_TCPV4, 40, 256, 20, 16)
         os.write(wfd, vnet + pkt)
         tunnel.on_tun()
@@ -126,7 +125,7 @@ def tun_pair():
 
 
 def data_segment(seq: int, payload: bytes) -> bytes:
-    return struct.pack("!HHIIBBHHH", 7000, 40000, seq, 1, 5 << 4, packet.ACK, 500, 0, 0) + payload
+    return tcp_segment(payload, sport=7000, dport=40000, seq=seq, ack=1)
 
 
 def rx_tunnel(kind, sockets, tun_pair):

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import testkit
 from udp_encap_tun import device, offload, packet
 from udp_encap_tun.core import Router
 from udp_encap_tun.device import OffloadTunnel, Tunnel
@@ -123,9 +124,8 @@ def test_read_errors_pause_an_fd_once_per_tick():
 
 def tcp_segment(seq: int, payload: bytes, flags: int = packet.ACK | packet.PSH,
                 options: bytes = b"") -> bytes:
-    doff = 5 + len(options) // 4
-    return struct.pack("!HHIIBBHHH", 40000, 7000, seq, 99, doff << 4, flags, 500, 0x1234,
-                       0) + options + payload
+    return testkit.tcp_segment(payload, seq=seq, ack=99, flags=flags, options=options,
+                               checksum=0x1234)
 
 
 def pieces(batches):

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from testkit import FakeClock
 from udp_encap_tun import cli, notify, status
 from udp_encap_tun.core import Router
 
@@ -66,7 +67,7 @@ def fake_tunnel(client=False, clock=None):
     router = Router(5000 if client else None)
     router.set_tun_address(bytes([10, 9, 0, 1]), ipaddress.IPv4Network("10.9.0.0/24"))
     return SimpleNamespace(router=router, counters=router.counters,
-                           tun=SimpleNamespace(name="tun0"), clock=clock or (lambda: 0.0))
+                           tun=SimpleNamespace(name="tun0"), clock=clock or FakeClock(0.0))
 
 
 # --------------------------------------------------------------------------- protocol
@@ -141,8 +142,7 @@ def test_watchdog_first_call_is_due_and_then_waits():
 
 
 def test_service_ready_status_watchdog_stopping(listener):
-    clock = SimpleNamespace(now=10.0)
-    tunnel = fake_tunnel(clock=lambda: clock.now)
+    tunnel = fake_tunnel(clock=FakeClock(10.0))
     svc = notify.Notify(notify.Notifier(notify.notify_address(listener.env_value)),
                         notify.Watchdog(2.0, tick=1.0), status_every=5)
     svc.ready(tunnel)

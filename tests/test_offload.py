@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import testkit
 from udp_encap_tun import packet as P
 from udp_encap_tun.offload import (
     wire_size,
@@ -36,17 +37,12 @@ MASK32 = 0xFFFFFFFF
 
 def tcp_seg(seq=1000, payload=b"", flags=P.ACK, sport=40000, dport=5201, ack=777,
             win=502, opts=b"", check=0xBEEF, urg=0) -> bytes:
-    assert len(opts) % 4 == 0
-    doff = 20 + len(opts)
-    hdr = struct.pack("!HHIIBBHHH", sport, dport, seq & MASK32, ack, (doff // 4) << 4, flags,
-                      win, check, urg)
-    return hdr + opts + payload
+    return testkit.tcp_segment(payload, sport=sport, dport=dport, seq=seq, ack=ack, flags=flags,
+                               window=win, options=opts, urgent=urg, checksum=check)
 
 
 def ipv4(seg, src=SRC, dst=DST, ident=1) -> bytearray:
-    buf = bytearray(20) + bytearray(seg)
-    P.write_ipv4_header(buf, 0, 20 + len(seg), ident, src, dst)
-    return buf
+    return testkit.ip_packet(seg, src, dst, ident=ident)
 
 
 def doff_of(seg) -> int:

@@ -3,19 +3,9 @@ import struct
 import pytest
 from hypothesis import given, strategies as st
 
+import testkit
+from testkit import internet_checksum as reference_checksum
 from udp_encap_tun import packet as pk
-
-
-def reference_checksum(data: bytes, initial: int = 0) -> int:
-    """RFC 1071 the slow, obvious way."""
-    if len(data) % 2:
-        data += b"\0"
-    total = initial
-    for (word,) in struct.iter_unpack("!H", data):
-        total += word
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
 
 
 def test_checksum_rfc1071_example():
@@ -40,16 +30,14 @@ def test_checksum_matches_reference(data, initial):
     assert pk.checksum(data, initial) == reference_checksum(data, initial)
 
 
-def tcp_segment(payload=b"hello", flags=pk.ACK | pk.PSH, doff=5, options=b""):
-    hdr = struct.pack("!HHIIBBHHH", 40000, 7000, 1000, 2000, doff << 4, flags, 65535, 0xBEEF, 0)
-    return hdr + options + payload
+def tcp_segment(payload=b"hello", flags=pk.ACK | pk.PSH, doff=None, options=b""):
+    return testkit.tcp_segment(payload, seq=1000, ack=2000, flags=flags, window=65535,
+                               options=options, doff=doff, checksum=0xBEEF)
 
 
-def ipv4(segment, proto=pk.IPPROTO_TCP, ihl=5, frag=0x4000, total=None, version=4):
-    total = 20 + (ihl - 5) * 4 + len(segment) if total is None else total
-    hdr = struct.pack("!BBHHHBBH4s4s", (version << 4) | ihl, 0, total, 1, frag, 64, proto, 0,
-                      bytes([10, 0, 0, 2]), bytes([192, 0, 2, 2]))
-    return hdr + b"\0" * ((ihl - 5) * 4) + segment
+def ipv4(segment, **quirks):
+    return bytes(testkit.ip_packet(segment, bytes([10, 0, 0, 2]), bytes([192, 0, 2, 2]),
+                                   checksum=0, **quirks))
 
 
 def test_classify_tx_accepts_tcp():
@@ -60,7 +48,7 @@ def test_classify_tx_accepts_tcp():
     (b"", pk.TX_NOT_IPV4),
     (b"\x45" * 10, pk.TX_NOT_IPV4),
     (ipv4(tcp_segment(), version=6), pk.TX_NOT_IPV4),
-    (ipv4(tcp_segment(), ihl=6), pk.TX_IP_OPTIONS),
+    (ipv4(tcp_segment(), options=bytes(4)), pk.TX_IP_OPTIONS),
     (ipv4(tcp_segment(), proto=17), pk.TX_NOT_TCP),
     (ipv4(tcp_segment(), frag=0x2000), pk.TX_FRAGMENT),  # MF
     (ipv4(tcp_segment(), frag=0x0010), pk.TX_FRAGMENT),  # offset
@@ -137,8 +125,7 @@ def test_build_rx_packet_overrides_any_incoming_checksum():
 
 def syn(options: bytes) -> bytearray:
     pad = (-len(options)) % 4
-    return bytearray(tcp_segment(b"", flags=pk.SYN, doff=5 + (len(options) + pad) // 4,
-                                 options=options + b"\0" * pad))
+    return bytearray(tcp_segment(b"", flags=pk.SYN, options=options + b"\0" * pad))
 
 
 @pytest.mark.parametrize("options,expected,changed", [

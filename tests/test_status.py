@@ -14,21 +14,14 @@ from types import SimpleNamespace
 
 import pytest
 
+from testkit import FakeClock
 from udp_encap_tun import cli, status
 from udp_encap_tun.core import Router
 
 
-class Clock:
-    def __init__(self, now: float = 1000.0):
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def make_tunnel(client: bool = False, peers: int = 2, name: str | None = None, clock=None):
     """A stand-in for device.Tunnel with a real Router and an unbound UDP socket."""
-    clock = clock or Clock()
+    clock = clock or FakeClock(1000.0)
     router = Router(5000 if client else None, max_peers=100_000, admission_rate=1e9, mss=1452)
     address, network = bytes([10, 9, 0, 1]), ipaddress.IPv4Network("10.9.0.0/16")
     router.set_tun_address(address, network)
@@ -369,14 +362,14 @@ def test_readers_that_never_read_cost_a_bounded_amount():
         assert not s.server.accepting
         s.watched[0][1]()  # nothing can move: no work, no busy loop
         assert s.server.served == status.MAX_CLIENTS
-        s.tunnel.clock.now += status.SEND_DEADLINE + 1
+        s.tunnel.clock.advance(status.SEND_DEADLINE + 1)
         s.server.tick(s.tunnel, s.tunnel.clock())
         assert not s.server.clients and s.server.accepting
         for _ in range(3):
             s.watched[0][1]()  # the ones from the backlog now
         assert s.server.served == status.MAX_CLIENTS + 3
         # each got the start of a document, then (after the deadline) the end of the stream
-        s.tunnel.clock.now += status.SEND_DEADLINE + 1
+        s.tunnel.clock.advance(status.SEND_DEADLINE + 1)
         s.server.tick(s.tunnel, s.tunnel.clock())
         for c in clients:
             data = read_all(c)

@@ -6,16 +6,12 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from testkit import FakeClock
 from udp_encap_tun.core import Router
 from udp_encap_tun.store import FULL_POOL, FULL_STORE, AddressPool, PeerStore, PoolError
 
 # clocks the store must not care about: a machine booted a second ago, one up for 30 years
 EPOCHS = [0.0, 0.5, 1000.0, 1e9]
-
-
-class Clock:
-    def __init__(self, now=1000.0):
-        self.now = now
 
 
 def ip(addr: bytes) -> str:
@@ -24,7 +20,7 @@ def ip(addr: bytes) -> str:
 
 def make_store(cidr="10.0.0.0/24", reserved=("10.0.0.1",), timeout=300.0, max_peers=65536, key=b"",
                now=1000.0):
-    clock = Clock(now)
+    clock = FakeClock(now)
     return PeerStore(AddressPool(cidr, reserved, key), timeout, max_peers), clock
 
 
@@ -81,12 +77,12 @@ def test_expiry_after_last_heard_and_returning_peer_gets_same_address():
     store, clock = make_store(timeout=300)
     peer = ("198.51.100.7", 5000)
     first = store.admit(peer, clock.now).address
-    clock.now += 200
+    clock.advance(200)
     assert store.lookup_peer(peer, clock.now) is not None  # heard from: refreshed
-    clock.now += 250  # 450 s after admission, 250 s after last heard
+    clock.advance(250)  # 450 s after admission, 250 s after last heard
     store.expire(clock.now)
     assert store.lookup_address(first, clock.now) is not None
-    clock.now += 51
+    clock.advance(51)
     store.expire(clock.now)
     assert store.lookup_address(first, clock.now) is None
     assert store.lookup_peer(peer, clock.now) is None
@@ -98,7 +94,7 @@ def test_tx_does_not_refresh():
     store, clock = make_store(timeout=10)
     entry = store.admit(("198.51.100.7", 5000), clock.now)
     for _ in range(5):
-        clock.now += 3
+        clock.advance(3)
         store.lookup_address(entry.address, clock.now)
     assert store.lookup_address(entry.address, clock.now) is None
 
@@ -130,7 +126,7 @@ def test_collision_gets_next_free_address_then_own_after_expiry():
     assert store.admit(squatter, clock.now).address == preferred
     got = store.admit(victim, clock.now).address
     assert got != preferred and got in pool
-    clock.now += 11
+    clock.advance(11)
     store.expire(clock.now)
     assert store.admit(victim, clock.now).address == preferred
 
@@ -140,7 +136,7 @@ def test_full_pool_refuses_without_hanging_and_recovers():
     only = store.admit(("198.51.100.1", 1), clock.now)
     assert only.address == bytes([10, 0, 0, 2])
     assert store.admit(("198.51.100.2", 1), clock.now) == FULL_POOL
-    clock.now += 6
+    clock.advance(6)
     assert store.admit(("198.51.100.2", 1), clock.now).address == bytes([10, 0, 0, 2])
 
 
@@ -168,13 +164,13 @@ def test_expiry_follows_the_given_clock_only(start):
     store, clock = make_store(timeout=10, now=start)
     peer = ("198.51.100.7", 5000)
     entry = store.admit(peer, clock.now)
-    clock.now += 9.9
+    clock.advance(9.9)
     store.expire(clock.now)
     assert store.lookup_peer(peer, clock.now) is entry  # refreshed at start + 9.9
-    clock.now += 9.9
+    clock.advance(9.9)
     store.expire(clock.now)
     assert store.lookup_address(entry.address, clock.now) is entry
-    clock.now += 0.2
+    clock.advance(0.2)
     store.expire(clock.now)
     assert len(store) == 0 and store.expired == 1 and store.added == 1
     assert store.lookup_peer(peer, clock.now) is None
@@ -189,7 +185,7 @@ def test_peers_returning_around_the_timeout_keep_their_address_and_leak_nothing(
     peers = [("198.51.100.7", 4000 + i) for i in range(12)]
     first = {p: store.admit(p, clock.now).address for p in peers}
     for step in range(400):
-        clock.now += 0.05 + (step % 7) * 0.01  # come back just before, at or after the timeout
+        clock.advance(0.05 + (step % 7) * 0.01)  # come back just before, at or after the timeout
         p = peers[step % len(peers)]
         entry = store.lookup_peer(p, clock.now)
         if entry is None:
@@ -204,7 +200,7 @@ def test_admit_of_a_live_peer_returns_its_entry(start):
     store, clock = make_store(now=start)
     peer = ("198.51.100.7", 5000)
     entry = store.admit(peer, clock.now)
-    clock.now += 5
+    clock.advance(5)
     assert store.admit(peer, clock.now) is entry
     assert len(store) == 1 and len(store.by_address) == 1 and store.added == 1
     assert entry.refreshed == clock.now

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from testkit import tcp_segment
 from udp_encap_tun import packet as P
 from udp_encap_tun import tiu
 
@@ -146,11 +147,8 @@ SRC, DST = bytes([198, 51, 100, 2]), bytes([203, 0, 113, 2])
 
 def make_segment(payload=b"", flags=P.ACK, opts=b"", urgent=0, seq=1, ack=2, window=512,
                  sport=40000, dport=7000) -> bytearray:
-    doff = 20 + len(opts)
-    seg = bytearray(struct.pack("!HHIIBBHHH", sport, dport, seq, ack, (doff // 4) << 4, flags,
-                                window, 0, urgent) + opts + payload)
-    P.fill_tcp_checksum(seg, 0, len(seg), SRC, DST)
-    return seg
+    return bytearray(tcp_segment(payload, sport=sport, dport=dport, seq=seq, ack=ack, flags=flags,
+                                 window=window, options=opts, urgent=urgent, src=SRC, dst=DST))
 
 
 @given(payload=st.binary(max_size=300), opts=st.sampled_from([b"", bytes([1, 1, 1, 0]),

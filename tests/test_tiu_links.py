@@ -9,6 +9,7 @@ import struct
 import pytest
 
 from test_faults import FakeTun
+from testkit import FakeClock, ip_packet, tcp_segment
 
 from udp_encap_tun import offload, packet, status, tiu, tiudev
 from udp_encap_tun.faults import TIU_OVERHEAD, LinkEvent, Links, tun_mtu_for
@@ -88,11 +89,9 @@ def make(kind, client=False, ln=None, sockets=None, source=None):
 
 
 def ipv4_tcp(seq: int, payload: bytes, sport=7001, dport=40000) -> bytearray:
-    seg = struct.pack("!HHIIBBHHH", sport, dport, seq, 9, 0x50, packet.ACK | packet.PSH, 500,
-                      0, 0) + payload
-    pkt = bytearray(20) + seg
-    packet.write_ipv4_header(pkt, 0, len(pkt), 1, REMOTE, LOCAL)
-    return pkt
+    seg = tcp_segment(payload, sport=sport, dport=dport, seq=seq, ack=9,
+                      flags=packet.ACK | packet.PSH)
+    return ip_packet(seg, REMOTE, LOCAL)
 
 
 def payload_of(wire_payloads) -> bytes:
@@ -214,7 +213,7 @@ def test_client_source_address_checked_once_the_interface_has_one_again(monkeypa
 
 def test_new_client_flow_while_the_interface_is_missing_is_a_named_drop():
     t = make("simple", client=True, ln=tiu_links(bind_index=None))
-    t.clock = lambda: 0.0
+    t.clock = FakeClock(0.0)
     pkt = ipv4_tcp(1, b"", sport=40000, dport=7001)
     assert t.tx_route(memoryview(pkt), 0.0) is None
     assert t.counters["tx_drop_no_interface"] == 1 and not t.router.flows

@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from testkit import FakeClock, ip_packet, tcp_segment
 from udp_encap_tun import packet as P
 from udp_encap_tun import tiu
 from udp_encap_tun.cli import parse_args
@@ -28,10 +29,8 @@ def test_port_ranges_merge_and_validate():
 
 
 def ipv4_tcp(src, dst, sport, dport, flags=P.ACK, payload=b"") -> bytearray:
-    seg = struct.pack("!HHIIBBHHH", sport, dport, 1, 2, 0x50, flags, 100, 0, 0) + payload
-    buf = bytearray(20) + seg
-    P.write_ipv4_header(buf, 0, len(buf), 1, src, dst)
-    return buf
+    return ip_packet(tcp_segment(payload, sport=sport, dport=dport, flags=flags, window=100),
+                     src, dst)
 
 
 def test_server_flows_admitted_bounded_and_expired():
@@ -76,10 +75,9 @@ def test_tso_split_into_wire_payloads():
     wire payload of the segment the default split makes."""
     payload = bytes(range(256)) * 40  # 10240 bytes
     opts = bytes([1, 1, 8, 10]) + struct.pack("!II", 5, 6)
-    seg = struct.pack("!HHIIBBHHH", 40000, 7001, 2**32 - 3000, 9, 0x80, P.ACK | P.PSH | P.CWR,
-                      500, 0x1234, 0) + opts + payload
-    packet = bytearray(20) + seg
-    P.write_ipv4_header(packet, 0, len(packet), 1, LOCAL, REMOTE)
+    seg = tcp_segment(payload, dport=7001, seq=2**32 - 3000, ack=9, flags=P.ACK | P.PSH | P.CWR,
+                      options=opts, checksum=0x1234)
+    packet = ip_packet(seg, LOCAL, REMOTE)
     plain = tso_split(packet, 1000, max_segments=4)
     wire = tso_split(packet, 1000, max_segments=4, tiu=True)
     assert len(plain) == len(wire) == 3
@@ -88,8 +86,7 @@ def test_tso_split_into_wire_payloads():
         pieces = [bytes(pbuf[o:o + psize]) for o in range(0, len(pbuf), psize)]
         assert bytes(wbuf) == b"".join(tiu.encode_payload(p) for p in pieces)
     # small packets are one wire payload
-    small = bytearray(20) + seg[:40]
-    P.write_ipv4_header(small, 0, len(small), 1, LOCAL, REMOTE)
+    small = ip_packet(seg[:40], LOCAL, REMOTE)
     assert tso_split(small, 1000, tiu=True) == [(tiu.encode_payload(seg[:40]), 32)]
 
 
@@ -135,10 +132,9 @@ def test_gro_fast_path_equals_decode_and_coalesce():
     ports = struct.pack("!HH", 7001, 40000)
     for seq0, plen, flags in ((1000, 10000, P.ACK), (2**32 - 2500, 7000, P.ACK | P.PSH),
                               (5, 4000, P.ACK)):
-        seg = struct.pack("!HHIIBBHHH", 7001, 40000, seq0, 9, 0x80, flags, 500, 0, 0) + opts \
-            + bytes(range(256)) * (plen // 256) + bytes(plen % 256)
-        packet = bytearray(20) + seg
-        P.write_ipv4_header(packet, 0, len(packet), 1, LOCAL, REMOTE)
+        seg = tcp_segment(bytes(range(256)) * (plen // 256) + bytes(plen % 256), sport=7001,
+                          dport=40000, seq=seq0, ack=9, flags=flags, options=opts)
+        packet = ip_packet(seg, LOCAL, REMOTE)
         [(gro, size)] = tso_split(packet, 1000, tiu=True)
         fast = coalesce_wire_gro(gro, len(gro), size, ports, REMOTE, LOCAL, 77)
         segments = [tiu.decode_payload(gro[o:o + size], ports) for o in range(0, len(gro), size)]
@@ -162,7 +158,7 @@ def test_status_line_prometheus_and_text_for_flows():
         router = TiuRouter(client, [(7000, 7009)])
         router.rx_flow(LOCAL, REMOTE, 7001, 40000, now=0.0)
         tunnel = SimpleNamespace(router=router, counters=router.counters,
-                                 tun=SimpleNamespace(name="tiu0"), clock=lambda: 0.0)
+                                 tun=SimpleNamespace(name="tiu0"), clock=FakeClock(0.0))
         assert notify.status_line(tunnel).endswith(": tcp-in-udp, 1 flow, tx 0 B rx 0 B")
     doc = {"interface": "tiu0", "mode": "server", "wire": "tcp-in-udp", "flow_count": 3,
            "max_flows": 10, "ports": "7000-7009", "flow_timeout": 300.0, "pid": 1,

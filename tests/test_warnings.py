@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from testkit import FakeClock
 from udp_encap_tun import auth, conn, status
 from udp_encap_tun.core import SILENCE, WARN_INTERVAL, Router
 from udp_encap_tun.device import Tunnel
@@ -339,7 +340,7 @@ def test_a_send_failing_with_an_earlier_icmp_error_is_sent_again(recverr_socket,
     sock, dead, listener = recverr_socket
     router = Router(endpoint_port=dead[1])
     router.tx_destination(socket.inet_aton(dead[0]), 1.0)
-    tunnel = Tunnel(router, None, sock, clock=lambda: 2.0)
+    tunnel = Tunnel(router, None, sock, clock=FakeClock(2.0))
     assert tunnel.send_batches([(b"data", 4)], listener.getsockname()) == (1, 4)
     assert listener.recv(100) == b"data"
     assert "tx_drop_send_error" not in router.counters
