@@ -31,6 +31,7 @@ import os
 import socket
 
 from .device import HOUSEKEEPING, Service
+from .drops import is_drop
 from .status import format_bytes
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def status_line(tunnel) -> str:
     where = f"{'client' if router.client else 'server'} on {tunnel.tun.name}"
     traffic = (f"tx {format_bytes(counters.get('tx_bytes', 0))} "
                f"rx {format_bytes(counters.get('rx_bytes', 0))}")
-    drops = sum(v for k, v in counters.items() if "_drop_" in k)
+    dropped = sum(v for k, v in counters.items() if is_drop(k))
     parts = []
     links = getattr(tunnel, "links", None)
     if links is not None and not links.bind_present:
@@ -138,8 +139,8 @@ def status_line(tunnel) -> str:
         n = len(router.store)
         parts.append(f"{n} peer{'' if n == 1 else 's'}")
     parts.append(traffic)
-    if drops:
-        parts.append(f"{drops} dropped")
+    if dropped:
+        parts.append(f"{dropped} dropped")
     return f"{where}: {', '.join(parts)}"
 
 

@@ -49,6 +49,7 @@ import struct
 import sys
 import time
 
+from . import drops
 from .device import Service
 from .errors import OneLineErrors, positive
 
@@ -513,24 +514,6 @@ def render_text(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def known_drop_reasons() -> dict[str, set[str]]:
-    """Drop reasons this version can count, per direction (exported as 0 until seen)."""
-    from . import core, packet, store
-
-    tx, rx = set(), set()
-    for module in (packet, core):
-        for name, value in vars(module).items():
-            if isinstance(value, str) and name.startswith("TX_"):
-                tx.add(value)
-            elif isinstance(value, str) and name.startswith("RX_"):
-                rx.add(value)
-    # counted under literal names in device.py and core.py
-    rx |= {store.FULL_POOL, store.FULL_STORE, "write_error", "no_pool", "unauthenticated",
-           "admission_rate", "bad_control"}
-    tx |= {"send_buffer_full", "send_error", "unsupported_gso", "auth_pending"}
-    return {"tx": tx, "rx": rx}
-
-
 def _label_value(value) -> str:
     text = "" if value is None else str(value)
     return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
@@ -604,10 +587,10 @@ def render_prometheus(doc: dict, per_peer: bool = False) -> str:
             m.add(f"{p}{direction}_{what}_total", "counter",
                   f"TCP {'segments' if what == 'packets' else 'segment bytes'} {where}.",
                   iface, by_direction.get(what, {}).get(direction, 0))
-    known = known_drop_reasons()
-    for direction in ("tx", "rx"):
-        reasons = known[direction] | {k[5:] for k, v in by_direction.items()
-                                      if k.startswith("drop_") and direction in v}
+    for direction in drops.DIRECTIONS:
+        # the table's reasons of the default wire are exported as 0 until counted
+        reasons = drops.reasons(direction, tiu_only=False) | {
+            k[5:] for k, v in by_direction.items() if k.startswith("drop_") and direction in v}
         for reason in sorted(reasons):
             m.add(p + "drops_total", "counter",
                   "Packets dropped, by direction (tx: tun to UDP, rx: UDP to tun) and reason.",
