@@ -22,7 +22,7 @@ from .conn import PENDING_ICMP_ERRORS, REPORTED_ERRORS, SOL_UDP, UDP_GRO, UDP_SE
 from .core import Router
 from .errors import LinkFault
 from .faults import Links, ReadErrors
-from .service import Service  # noqa: F401  (services import it from here for now)
+from .service import HOUSEKEEPING, Service  # noqa: F401  (services import it from here for now)
 from .store import PoolError
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,6 @@ BATCH = 64  # packets handled per fd before looking at the others again
 # on only if a zero-timeout epoll says more is queued (see Pending).  After a
 # longer one (bulk: super-packets, GRO buffers) it just reads on.
 SMALL = 512
-HOUSEKEEPING = 1.0  # seconds between store expiry runs
 BUFSIZE = 65536
 # read/write errors of a tun that was deleted under us (its fd is detached for good)
 TUN_GONE = frozenset({errno.EBADFD})

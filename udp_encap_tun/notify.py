@@ -16,7 +16,7 @@ We send
 Sends never block (MSG_DONTWAIT): a full notification socket loses a message,
 which is counted and logged at debug level, and the data path goes on.
 
-Timing: housekeeping ticks come about every device.HOUSEKEEPING (1 s) seconds,
+Timing: housekeeping ticks come about every service.HOUSEKEEPING (1 s) seconds,
 so a ping is sent at the first tick less than one tick period before it is due
 (early rather than late: the gap between pings never exceeds the interval by
 more than the loop's jitter).  If ``$WATCHDOG_USEC``/2 is shorter than a tick,
@@ -29,9 +29,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Mapping
+from typing import cast
 
-from .device import HOUSEKEEPING, Service
 from .drops import is_drop
+from .service import HOUSEKEEPING, Service, TunnelView, UdpRouterView
 from .status import format_bytes
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 STATUS_EVERY = 5  # housekeeping ticks between STATUS= updates
 
 
-def notify_address(value: str | None):
+def notify_address(value: str | None) -> str | bytes | None:
     """The socket address for a ``$NOTIFY_SOCKET`` value, or None if unusable."""
     if not value:
         return None
@@ -52,7 +54,8 @@ def notify_address(value: str | None):
     return None
 
 
-def watchdog_interval(environ=None, pid: int | None = None) -> float | None:
+def watchdog_interval(environ: Mapping[str, str] | None = None,
+                      pid: int | None = None) -> float | None:
     """Seconds between WATCHDOG=1 pings (half of ``$WATCHDOG_USEC``), or None when
     no watchdog is asked of this process."""
     environ = os.environ if environ is None else environ
@@ -91,7 +94,7 @@ class Watchdog:
 class Notifier:
     """The sending half of the sd_notify protocol."""
 
-    def __init__(self, address):
+    def __init__(self, address: str | bytes):
         self.address = address
         self.sock = socket.socket(socket.AF_UNIX,
                                   socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
@@ -115,7 +118,7 @@ class Notifier:
         self.sock.close()
 
 
-def status_line(tunnel) -> str:
+def status_line(tunnel: TunnelView) -> str:
     """One line for ``STATUS=``: mode, peers and traffic."""
     router, counters = tunnel.router, tunnel.counters
     where = f"{'client' if router.client else 'server'} on {tunnel.tun.name}"
@@ -131,8 +134,9 @@ def status_line(tunnel) -> str:
         n = len(flows)
         parts.append(f"tcp-in-udp, {n} flow{'' if n == 1 else 's'}")
     elif router.client:
-        where += f" to UDP port {router.endpoint_port}"
-        parts.append(f"{len(router.remotes)} servers")
+        udp_router = cast(UdpRouterView, router)  # not tcp-in-udp: the default wire's router
+        where += f" to UDP port {udp_router.endpoint_port}"
+        parts.append(f"{len(udp_router.remotes)} servers")
     elif router.store is None:
         parts.append("no tun address: new peers refused")
     else:
@@ -156,7 +160,7 @@ class Notify(Service):
         self.last_status: str | None = None
 
     @classmethod
-    def from_environ(cls, environ=None) -> "Notify | None":
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> Notify | None:
         """A Notify if ``$NOTIFY_SOCKET`` is set (and usable), else None."""
         environ = os.environ if environ is None else environ
         address = notify_address(environ.get("NOTIFY_SOCKET"))
@@ -168,12 +172,12 @@ class Notify(Service):
                         "use 3 s or more", 2 * interval, HOUSEKEEPING)
         return cls(Notifier(address), Watchdog(interval) if interval is not None else None)
 
-    def ready(self, tunnel) -> None:
+    def ready(self, tunnel: TunnelView) -> None:
         self.last_status = status_line(tunnel)
         self.notifier.send("READY=1", "STATUS=" + self.last_status)
         self._ping(tunnel.clock())
 
-    def tick(self, tunnel, now: float) -> None:
+    def tick(self, tunnel: TunnelView, now: float) -> None:
         self._ping(now)
         self.ticks += 1
         if self.ticks % self.status_every == 0:
@@ -186,7 +190,7 @@ class Notify(Service):
         if self.watchdog is not None and self.watchdog.due(now):
             self.notifier.send("WATCHDOG=1")
 
-    def close(self, tunnel) -> None:
+    def close(self, tunnel: TunnelView) -> None:
         self.notifier.send("STOPPING=1", "STATUS=stopping")
         self.notifier.close()
 

@@ -50,7 +50,7 @@ import sys
 import time
 
 from . import drops
-from .device import Service
+from .service import Service
 from .errors import OneLineErrors, positive
 
 log = logging.getLogger(__name__)

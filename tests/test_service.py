@@ -1,0 +1,69 @@
+"""Services depend on service.py's small view of the tunnel, never on the loop."""
+
+from __future__ import annotations
+
+import ast
+import socket
+from pathlib import Path
+
+from udp_encap_tun import service
+from udp_encap_tun.core import Router
+from udp_encap_tun.device import OffloadTunnel, Tunnel
+from udp_encap_tun.tiudev import TiuTunnel
+from udp_encap_tun.tiumode import TiuRouter
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "udp_encap_tun"
+SERVICES = ["keepalive", "notify", "service", "status"]  # modules or subpackages
+LOOP = {"device", "tiudev", "tun", "conn", "cli"}
+
+
+def imported_modules(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            names.add((node.module or "").split(".")[-1])
+            if node.module is None:  # from . import tiudev
+                names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[-1] for alias in node.names)
+    return names
+
+
+def service_files() -> list[Path]:
+    files = []
+    for name in SERVICES:
+        path = PACKAGE / name
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path.with_suffix(".py")]
+    return files
+
+
+def test_services_never_import_the_loop():
+    files = service_files()
+    assert len(files) >= 4
+    for path in files:
+        assert imported_modules(path) & LOOP == set(), path
+
+
+def test_the_import_check_sees_loop_imports(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from .device import HOUSEKEEPING\nfrom . import tiudev\n")
+    assert {"device", "tiudev"} <= imported_modules(bad)
+
+
+def test_the_loop_satisfies_the_views():
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        for tunnel in (Tunnel(Router(endpoint_port=1), None, sock),
+                       OffloadTunnel(Router(), None, sock, gso=False, gro=False)):
+            assert isinstance(tunnel, service.TunnelView)
+            assert isinstance(tunnel, service.UdpTunnelView)
+            assert not isinstance(tunnel, service.FlowsTunnelView)
+    tiu = TiuTunnel(TiuRouter(True, [(7000, 7009)]), None, {}, "eth0")
+    assert isinstance(tiu, service.FlowsTunnelView)
+
+
+def test_device_still_exports_service_and_housekeeping():
+    from udp_encap_tun import device
+
+    assert device.Service is service.Service
+    assert device.HOUSEKEEPING == service.HOUSEKEEPING
