@@ -45,6 +45,12 @@ def test_services_never_import_the_loop():
         assert imported_modules(path) & LOOP == set(), path
 
 
+def test_notify_does_not_import_status():
+    """Its byte formatter is units.py's, shared with the status text."""
+    assert "status" not in imported_modules(PACKAGE / "notify.py")
+    assert "units" in imported_modules(PACKAGE / "notify.py")
+
+
 def test_the_import_check_sees_loop_imports(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("from .device import HOUSEKEEPING\nfrom . import tiudev\n")

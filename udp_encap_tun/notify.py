@@ -34,7 +34,7 @@ from typing import cast
 
 from .drops import is_drop
 from .service import HOUSEKEEPING, Service, TunnelView, UdpRouterView
-from .status import format_bytes
+from .units import format_bytes
 
 log = logging.getLogger(__name__)
 
