@@ -292,13 +292,9 @@ def _keyed_server():
 
 
 def _receive(router, datagram, peer, now):
-    """What device.Tunnel does with a received datagram, decisions only."""
-    if classify_rx(datagram) is None:
+    """What the loop asks the Router about a received datagram."""
+    if router.rx_segment(memoryview(bytearray(datagram)), peer, now):
         router.rx_addresses(peer, now)
-    elif not datagram:
-        router.keepalive_received(peer, now)
-    elif auth.is_control(datagram):
-        router.control(datagram, peer, now)
 
 
 def test_keepalive_from_unknown_peer_draws_nothing_data_draws_auth_required():

@@ -1,6 +1,8 @@
 import ipaddress
 import logging
 
+from testkit import FakeClock, ip_packet, tcp_segment
+
 from udp_encap_tun.core import WARN_INTERVAL, Router, Warnings
 
 TUN = bytes([10, 0, 0, 1])
@@ -111,3 +113,85 @@ def test_count_rarely_logged_counts_every_event_and_warns_rarely(caplog):
     assert r.counters["rx_drop_x"] == 8
     assert [m.getMessage() for m in caplog.records] == [
         "dropping from 198.51.100.1:4000 (1 so far)", "dropping from 198.51.100.1:4000 (8 so far)"]
+
+
+# -- the decisions the loop carries out ----------------------------------------------------
+
+SERVER = bytes([192, 0, 2, 2])
+
+
+def tx_packet(flags=0x10, options=b"", payload=b"x", dst=SERVER):
+    return memoryview(ip_packet(tcp_segment(payload, flags=flags, options=options), TUN, dst))
+
+
+def test_tx_drops_by_reason_routes_and_clamps_a_syn():
+    r = Router(endpoint_port=4000, mss=1300)
+    r.set_tun_address(TUN, NET)
+    assert r.tx(memoryview(ip_packet(b"x" * 8, TUN, SERVER, proto=17)), 0.0) is None
+    assert r.counters["tx_drop_not_tcp"] == 1
+    assert r.tx(tx_packet(), 0.0) == (("192.0.2.2", 4000), None)
+    syn = tx_packet(flags=0x02, options=bytes([2, 4, 0x05, 0xB4]))  # MSS 1460
+    assert r.tx(syn, 0.0) == (("192.0.2.2", 4000), None)
+    assert syn[20 + 22:20 + 24] == (1300).to_bytes(2, "big")
+    assert r.counters["tx_mss_clamped"] == 1
+
+
+def test_server_tx_counts_on_the_peer_entry():
+    r = Router()
+    r.set_tun_address(TUN, NET)
+    src, _, entry = r.rx_addresses(("198.51.100.1", 4000), 0.0)
+    route = r.tx(tx_packet(dst=src), 0.0)
+    assert route == (("198.51.100.1", 4000), entry)
+    r.sent_data(entry, 3, 300)
+    r.received(entry, 2, 100)
+    assert (entry.tx_packets, entry.tx_bytes, entry.rx_packets, entry.rx_bytes) == (3, 300, 2, 100)
+    assert (r.counters["tx_packets"], r.counters["rx_bytes"]) == (3, 100)
+
+
+def test_rx_segment_tells_data_from_keepalives_control_and_junk():
+    r = Router()
+    r.set_tun_address(TUN, NET)
+    peer = ("198.51.100.1", 4000)
+    r.rx_addresses(peer, 0.0)
+    assert r.rx_segment(memoryview(bytearray(tcp_segment(b"data"))), peer, 0.0)
+    assert not r.rx_segment(memoryview(bytearray(b"")), peer, 1.0)  # a keepalive: answered
+    assert r.outbox == [(peer, None)] and r.counters["rx_keepalives"] == 1
+    assert not r.rx_segment(memoryview(bytearray(b"short")), peer, 2.0)
+    assert r.counters["rx_drop_too_short"] == 1
+
+
+def test_client_keepalives_are_timer_output_in_the_outbox():
+    clock = FakeClock(0.0)
+    r = Router(endpoint_port=4000, keepalive=25.0)
+    r.set_tun_address(TUN, NET)
+    r.tx(tx_packet(), clock())  # TCP went to the server once
+    r.tick(clock())
+    assert r.outbox == []
+    r.tick(clock.advance(25.0))
+    assert r.outbox == [(("192.0.2.2", 4000), None)]
+    assert r.servers[("192.0.2.2", 4000)].last_sent == 25.0
+    r.outbox.clear()
+    r.tick(clock.advance(10.0))
+    assert r.outbox == []
+
+
+def test_a_full_route_cache_keeps_the_keepalive_targets():
+    r = Router(endpoint_port=4000, keepalive=25.0)
+    for i in range(6000):  # a scan through the tun fills the route cache, TCP to SERVER goes on
+        r.tx_destination(bytes([10, 1, i >> 8, i & 0xFF]), 1.0 + i)
+        if i % 100 == 0:
+            r.tx_destination(SERVER, 1.0 + i)
+    assert len(r._routes) <= 4097 and len(r.remotes) <= 4097
+    assert ("192.0.2.2", 4000) in r.keepalive_targets(6000.0)
+    assert ("192.0.2.2", 4000) in r.servers
+
+
+def test_client_data_is_held_until_authenticated():
+    from udp_encap_tun import auth
+
+    r = Router(endpoint_port=4000, keys=auth.Keys(b"k" * 32))
+    assert r.holds
+    assert r.held(("192.0.2.2", 4000), [(b"segment", 7)], 0.0)
+    (dest, [(hello, _)]), = r.outbox  # a HELLO goes out instead
+    assert dest == ("192.0.2.2", 4000) and auth.parse(hello)[0] == auth.HELLO
+    assert not Router(endpoint_port=4000).holds

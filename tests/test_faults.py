@@ -12,9 +12,11 @@ from types import SimpleNamespace
 import pytest
 
 import testkit
-from udp_encap_tun import device, offload, packet
+from udp_encap_tun import offload, packet
+from udp_encap_tun import tun as tun_module
 from udp_encap_tun.core import Router
-from udp_encap_tun.device import OffloadTunnel, Tunnel
+from udp_encap_tun.loop import default_wire
+from udp_encap_tun.tun import TunGone
 from udp_encap_tun.faults import LinkEvent, Links, ReadErrors, tun_mtu_for
 
 TUN, ETH, OTHER = 7, 2, 3
@@ -178,6 +180,9 @@ class FakeSocket:
     def fileno(self):
         return -1
 
+    def setblocking(self, flag):
+        pass
+
 
 class FakeTun:
     """The tun and its netlink monitor: drain_monitor hands over *events* once."""
@@ -197,15 +202,18 @@ class FakeTun:
         self.mtus.append(mtu)
 
 
+_PIPE = os.pipe()  # an fd for the tun edge (never read: the tests swap in the fakes)
+
+
 def make_tunnel(kind, sock, tun, ln):
-    """A tunnel on the fakes (built on a real socket, which is then swapped)."""
+    """A loop on the fakes (built on a real socket and a pipe, then swapped)."""
     router = Router(endpoint_port=1, mss=ln.mss)
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as real:
-        if kind == "simple":
-            t = Tunnel(router, None, real, links=ln)
-        else:
-            t = OffloadTunnel(router, None, real, gso=False, gro=False, links=ln)
-    t.sock, t.tun = sock, tun
+        t = default_wire(router, SimpleNamespace(fd=_PIPE[0], name=tun.name), real,
+                         offload=kind != "simple", links=ln)
+    t.sock = t.conn.sock = sock
+    t.conn._sendto = sock.sendto
+    t.tun = t.packets.tun = tun
     return t
 
 
@@ -218,18 +226,18 @@ def test_emsgsize_reads_the_link_events_and_resends_cut_smaller(kind):
     tun = FakeTun([LinkEvent(False, ETH, "eth0", 1400)])
     t = make_tunnel(kind, sock, tun, links())
     segs = [tcp_segment(1 + k * 1440, bytes([k]) * 1440) for k in range(3)]  # 1460 bytes each
-    assert t.send_batches([(b"".join(segs), 1460)], ("192.0.2.2", 5000)) == (6, 3 * 1440 + 6 * 20)
+    assert t.conn.send([(b"".join(segs), 1460)], ("192.0.2.2", 5000)) == (6, 3 * 1440 + 6 * 20)
     assert all(len(d) <= 1372 for d in sock.sent)
     assert b"".join(d[20:] for d in sock.sent) == b"".join(s[20:] for s in segs)
-    assert t.counters["tx_resegmented"] == 1 and t.counters["tx_packets"] == 6
+    assert t.counters["tx_resegmented"] == 1
     assert tun.mtus == [1392] and t.router.mss == 1352 and t.max_segment == 1372
 
     # a packet from the tun larger than now fits: cut before it is sent
     sock.sent.clear()
     pkt = bytearray(20) + tcp_segment(7, bytes(range(200)) * 10)
     packet.write_ipv4_header(pkt, 0, len(pkt), 1, bytes([10, 9, 0, 2]), bytes([192, 0, 2, 2]))
-    batches = t.wire_segments(memoryview(pkt), len(pkt))
-    assert t.send_batches(batches, ("192.0.2.2", 5000)) == (2, 2000 + 40)
+    batches = t.packets.segments(memoryview(pkt), 0)
+    assert t.conn.send(batches, ("192.0.2.2", 5000)) == (2, 2000 + 40)
     assert [len(d) for d in sock.sent] == [1372, 2000 - 1352 + 20]
     assert t.counters["tx_resegmented"] == 2
 
@@ -240,10 +248,14 @@ def test_tso_packet_with_segments_too_large_for_the_link_is_cut_smaller():
     payload = bytes(range(250)) * 12  # 3000 bytes, gso_size 1448 from the tun
     pkt = bytearray(20) + tcp_segment(1, payload)
     packet.write_ipv4_header(pkt, 0, len(pkt), 1, bytes([10, 9, 0, 2]), bytes([192, 0, 2, 2]))
-    t.txbuf[:10] = offload.VNET_HDR.pack(offload.NEEDS_CSUM, offload.GSO_TCPV4, 40, 1448, 20, 16)
-    batches = t.wire_segments(memoryview(pkt), len(pkt))
+    t.packets.buf[:10] = offload.VNET_HDR.pack(offload.NEEDS_CSUM, offload.GSO_TCPV4, 40, 1448,
+                                               20, 16)
+    t.packets.buf[10:10 + len(pkt)] = pkt
+    view, gso_size = t.packets.packet(10 + len(pkt))
+    assert gso_size == 1448
+    batches = t.packets.segments(view, gso_size)
     assert [size for _, size in batches] == [1372]
-    t.send_batches(batches, ("192.0.2.2", 5000))
+    t.conn.send(batches, ("192.0.2.2", 5000))
     assert [len(d) for d in sock.sent] == [1372, 1372, 3000 - 2 * 1352 + 20]
     assert b"".join(d[20:] for d in sock.sent) == payload
     assert "tx_drop_message_too_long" not in t.counters
@@ -262,7 +274,7 @@ def test_bound_interface_back_rebinds_the_socket():
 
 def test_send_to_a_missing_interface_is_a_named_drop():
     t = make_tunnel("simple", SimpleNamespace(sendto=raiser(errno.ENODEV)), FakeTun(), links())
-    assert t.send_batches([(b"x" * 30, 30)], ("192.0.2.2", 5000)) == (0, 0)
+    assert t.conn.send([(b"x" * 30, 30)], ("192.0.2.2", 5000)) == (0, 0)
     assert t.counters["tx_drop_no_interface"] == 1
 
 
@@ -283,9 +295,9 @@ def test_tun_deleted_event_ends_the_loop_with_a_reason():
 def test_tun_read_ebadfd_ends_the_loop(monkeypatch, kind):
     t = make_tunnel(kind, FakeSocket(1472), FakeTun(), links())
     t.running = True
-    monkeypatch.setattr(device.os, "readv", raiser(errno.EBADFD))
-    t.on_tun()
-    assert not t.running and "tun tun0 was deleted" in t.failure
+    monkeypatch.setattr(tun_module.os, "readv", raiser(errno.EBADFD))
+    with pytest.raises(TunGone, match="tun tun0 was deleted"):  # the loop ends with it
+        t.on_tun()
     assert "tx_read_error" not in t.counters
 
 
@@ -297,11 +309,11 @@ def test_a_tun_read_failing_again_and_again_is_paused_not_spun(monkeypatch):
         tun = FakeTun()
         tun.fd = r
         t = make_tunnel("simple", FakeSocket(1472), tun, links())
-        t.sock = SimpleNamespace(fileno=lambda: w)
+        t.packets.fd = r
         t.poller = select.epoll()
         t.poller.register(r, select.EPOLLIN)
         os.write(w, b"x")  # readable: epoll would wake the loop for ever
-        monkeypatch.setattr(device.os, "readv", raiser(errno.EIO))
+        monkeypatch.setattr(tun_module.os, "readv", raiser(errno.EIO))
         calls = 0
         while t.poller.poll(0) and calls < 1000:
             t.on_tun()
@@ -361,13 +373,13 @@ def test_a_small_datagram_failing_with_a_pending_frag_needed_is_sent_again(kind,
     sock = PendingErrorSocket(limit=1400)  # a path MTU of 1428 (the link's is 1500)
     t = make_tunnel(kind, sock, FakeTun(), links())
     ack = tcp_segment(1, b"")
-    assert t.send_batches([(ack, len(ack))], ("192.0.2.2", 5000)) == (1, len(ack))
+    assert t.conn.send([(ack, len(ack))], ("192.0.2.2", 5000)) == (1, len(ack))
     assert sock.sent == [ack]
     assert "tx_drop_message_too_long" not in t.counters
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
     # a datagram that is too large indeed is still dropped under that name
     big = tcp_segment(1, bytes(1430))
-    assert t.send_batches([(big, len(big))], ("192.0.2.2", 5000)) == (0, 0)
+    assert t.conn.send([(big, len(big))], ("192.0.2.2", 5000)) == (0, 0)
     assert t.counters["tx_drop_message_too_long"] == 1
 
 
@@ -375,8 +387,10 @@ def test_keepalive_send_failures_are_counted_and_a_pending_error_is_sent_again()
     sock = PendingErrorSocket(limit=1472)
     sock.pending = errno.ECONNREFUSED  # a "port unreachable" about an earlier datagram
     t = make_tunnel("simple", sock, FakeTun(), links())
-    t.send_keepalive(("192.0.2.2", 5000), 1.0)
+    t.router.outbox.append((("192.0.2.2", 5000), None))  # a keepalive
+    t.flush_outbox()
     assert sock.sent == [b""] and t.counters["tx_keepalives"] == 1
     sock.pending = errno.ENODEV  # the bound interface is gone: not sent, counted by name
-    t.send_keepalive(("192.0.2.2", 5000), 2.0)
+    t.router.outbox.append((("192.0.2.2", 5000), None))
+    t.flush_outbox()
     assert t.counters["tx_drop_no_interface"] == 1 and t.counters["tx_keepalives"] == 1

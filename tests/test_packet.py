@@ -152,3 +152,15 @@ def test_clamp_mss_without_usable_option_changes_nothing(options):
 @given(st.binary(min_size=0, max_size=40))
 def test_clamp_mss_never_raises(options):
     pk.clamp_mss(syn(options), 536)
+
+
+def test_family_helpers_read_the_offsets_of_either_family():
+    src4, dst4 = bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2])
+    v4 = testkit.ip_packet(testkit.tcp_segment(b"abc"), src4, dst4)
+    assert (pk.header_len(v4), pk.packet_length(v4)) == (20, 43)
+    assert (pk.source(v4), pk.destination(v4)) == (src4, dst4)
+    src6, dst6 = bytes(range(16)), bytes(range(16, 32))
+    seg = testkit.tcp_segment(b"abcd")
+    v6 = bytes([0x60, 0, 0, 0]) + len(seg).to_bytes(2, "big") + bytes([6, 64]) + src6 + dst6 + seg
+    assert (pk.header_len(v6), pk.packet_length(v6)) == (40, 40 + len(seg))
+    assert (pk.source(v6), pk.destination(v6)) == (src6, dst6)

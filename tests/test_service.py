@@ -5,17 +5,21 @@ from __future__ import annotations
 import ast
 import socket
 from pathlib import Path
+from types import SimpleNamespace
+
+from test_faults import _PIPE
 
 from udp_encap_tun import service
 from udp_encap_tun.core import Router
-from udp_encap_tun.device import OffloadTunnel, Tunnel
-from udp_encap_tun.tiudev import TiuTunnel
+from udp_encap_tun.loop import Loop, default_wire
+from udp_encap_tun.tiudev import TiuConn
 from udp_encap_tun.tiumode import TiuRouter
+from udp_encap_tun.tun import Packets
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "udp_encap_tun"
-SERVICES = ["keepalive", "notify", "service", "status"]  # modules or subpackages
-LOOP = {"device", "tiudev", "tun", "conn", "cli"}
+SERVICES = ["notify", "service", "status"]  # modules or subpackages
+LOOP = {"loop", "tiudev", "tun", "conn", "cli"}
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -40,7 +44,7 @@ def service_files() -> list[Path]:
 
 def test_services_never_import_the_loop():
     files = service_files()
-    assert len(files) >= 4
+    assert len(files) >= 3
     for path in files:
         assert imported_modules(path) & LOOP == set(), path
 
@@ -53,23 +57,19 @@ def test_notify_does_not_import_status():
 
 def test_the_import_check_sees_loop_imports(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("from .device import HOUSEKEEPING\nfrom . import tiudev\n")
-    assert {"device", "tiudev"} <= imported_modules(bad)
+    bad.write_text("from .loop import HOUSEKEEPING\nfrom . import tiudev\n")
+    assert {"loop", "tiudev"} <= imported_modules(bad)
 
 
 def test_the_loop_satisfies_the_views():
+    tun = SimpleNamespace(fd=_PIPE[0], name="tun-test")
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for tunnel in (Tunnel(Router(endpoint_port=1), None, sock),
-                       OffloadTunnel(Router(), None, sock, gso=False, gro=False)):
+        for tunnel in (default_wire(Router(endpoint_port=1), tun, sock),
+                       default_wire(Router(), tun, sock, offload=True)):
             assert isinstance(tunnel, service.TunnelView)
             assert isinstance(tunnel, service.UdpTunnelView)
             assert not isinstance(tunnel, service.FlowsTunnelView)
-    tiu = TiuTunnel(TiuRouter(True, [(7000, 7009)]), None, {}, "eth0")
+    router = TiuRouter(True, [(7000, 7009)])
+    packets = Packets(tun, router.counters, tiu_wire=True)
+    tiu = Loop(router, tun, packets, TiuConn(router, packets, {}, "eth0"))
     assert isinstance(tiu, service.FlowsTunnelView)
-
-
-def test_device_still_exports_service_and_housekeeping():
-    from udp_encap_tun import device
-
-    assert device.Service is service.Service
-    assert device.HOUSEKEEPING == service.HOUSEKEEPING

@@ -20,7 +20,7 @@ from udp_encap_tun.core import Router
 
 
 def make_tunnel(client: bool = False, peers: int = 2, name: str | None = None, clock=None):
-    """A stand-in for device.Tunnel with a real Router and an unbound UDP socket."""
+    """A stand-in for the loop with a real Router and an unbound UDP socket."""
     clock = clock or FakeClock(1000.0)
     router = Router(5000 if client else None, max_peers=100_000, admission_rate=1e9, mss=1452)
     address, network = bytes([10, 9, 0, 1]), ipaddress.IPv4Network("10.9.0.0/16")

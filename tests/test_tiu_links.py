@@ -8,12 +8,14 @@ import struct
 
 import pytest
 
-from test_faults import FakeTun
+from test_faults import _PIPE, FakeTun
 from testkit import FakeClock, ip_packet, tcp_segment
 
 from udp_encap_tun import offload, packet, status, tiu, tiudev
 from udp_encap_tun.faults import TIU_OVERHEAD, LinkEvent, Links, tun_mtu_for
-from udp_encap_tun.tiudev import TiuOffloadTunnel, TiuTunnel
+from udp_encap_tun.loop import Loop
+from udp_encap_tun.tiudev import TiuConn
+from udp_encap_tun.tun import OffloadPackets, Packets
 from udp_encap_tun.tiumode import TiuRouter
 
 TUN, ETH = 7, 2
@@ -70,6 +72,9 @@ class FakeSocket:
     def fileno(self):
         return -1
 
+    def setblocking(self, flag):
+        pass
+
     def close(self):
         self.closed = True
 
@@ -78,12 +83,13 @@ def make(kind, client=False, ln=None, sockets=None, source=None):
     router = TiuRouter(client, [(7000, 7009)], admission_rate=1000)
     ln = ln or tiu_links()
     sockets = sockets if sockets is not None else {}
-    if kind == "simple":
-        t = TiuTunnel(router, None, sockets, "eth0", links=ln, source=source)
-    else:
-        t = TiuOffloadTunnel(router, None, sockets, "eth0", gso=False, gro=False, links=ln,
-                             source=source)
-    t.tun = FakeTun()
+    tun = FakeTun()
+    packets = (Packets if kind == "simple" else OffloadPackets)(
+        tun, router.counters, tiu_wire=True)
+    packets.fd = _PIPE[0]
+    conn = TiuConn(router, packets, sockets, "eth0", source=source)
+    t = Loop(router, tun, packets, conn, links=ln)
+    conn.watch(t)
     t.unwatch = lambda fd: None
     return t
 
@@ -116,8 +122,7 @@ def test_packet_larger_than_the_link_now_carries_is_cut_into_wire_payloads(kind)
     t = make(kind, ln=tiu_links(bind_mtu=1400))
     data = bytes(range(250)) * 8  # 2000 bytes: a 2040-byte packet from a tun of MTU 1500+
     pkt = ipv4_tcp(1, data)
-    t.txbuf[:10] = bytes(10)  # offload: the vnet header says no GSO
-    batches = t.wire_segments(memoryview(pkt), len(pkt))
+    batches = t.packets.segments(memoryview(pkt), 0)
     sizes = [size for _, size in batches]
     assert sizes and max(sizes) <= 1380 - 8  # wire payload + UDP header + IPv4 <= 1400
     pieces = [bytes(b[o:o + s]) for b, s in batches for o in range(0, len(b), s)]
@@ -132,8 +137,7 @@ def test_tso_super_packet_with_segments_too_large_is_cut_to_fit():
     t = make("offload", ln=tiu_links(bind_mtu=1400))
     data = bytes(range(250)) * 12  # 3000 bytes, gso_size 1448 from the tun
     pkt = ipv4_tcp(1, data)
-    t.txbuf[:10] = offload.VNET_HDR.pack(offload.NEEDS_CSUM, offload.GSO_TCPV4, 40, 1448, 20, 16)
-    batches = t.wire_segments(memoryview(pkt), len(pkt))
+    batches = t.packets.segments(memoryview(pkt), 1448)
     pieces = [bytes(b[o:o + s]) for b, s in batches for o in range(0, len(b), s)]
     assert [len(p) for p in pieces] == [1372, 1372, 3000 - 2 * 1360 + 12]
     assert payload_of(pieces) == data
@@ -162,10 +166,9 @@ def test_emsgsize_reads_the_link_events_and_resends_cut_smaller(kind):
     t.tun.events = [LinkEvent(False, ETH, "eth0", 1400)]
     data = bytes(range(200)) * 7  # 1400 bytes: a 1440-byte packet, fits the old MTU
     pkt = ipv4_tcp(1, data)
-    t.txbuf[:10] = bytes(10)
-    route = t.tx_route(memoryview(pkt), 0.0)
-    batches = t.wire_segments(memoryview(pkt), len(pkt))
-    assert t.send_batches(batches, route[0]) == (2, 1400 + 2 * 12)
+    route = t.router.tx(memoryview(pkt), 0.0)
+    batches = t.packets.segments(memoryview(pkt), 0)
+    assert t.conn.send(batches, route[0]) == (2, 1400 + 2 * 12)
     assert all(len(d) <= 1372 for d in sock.sent) and payload_of(sock.sent) == data
     assert t.tun.mtus == [1400] and t.counters["tx_resegmented"] == 1
     assert "tx_drop_send_error" not in t.counters
@@ -182,7 +185,7 @@ def test_bound_interface_back_rebinds_every_socket():
     t.tun.events = [LinkEvent(False, 9, "eth0", 1500)]
     t.on_netlink()
     assert t.links.bind_index == 9 and all(s.bound == [b"eth0"] for s in listen.values())
-    assert not t.check_source  # a server has no source address to check
+    assert not t.conn.check_source  # a server has no source address to check
 
     c = make("simple", client=True, source="192.0.2.1")
     flows = [c.router.tx_flow(ipv4_tcp(1, b"", sport=40000 + k, dport=7001), 0.0)
@@ -193,21 +196,21 @@ def test_bound_interface_back_rebinds_every_socket():
     c.on_netlink()
     assert flows[0].sock.bound == [b"eth0"] and list(c.router.flows.values()) == [flows[0]]
     assert bad.closed and flows[1].sock is None
-    assert c.check_source
+    assert c.conn.check_source
 
 
 def test_client_source_address_checked_once_the_interface_has_one_again(monkeypatch):
     t = make("simple", client=True, source="192.0.2.1")
-    t.running, t.check_source = True, True
+    t.running, t.conn.check_source = True, True
     answers = [[], ["192.0.2.1"]]
     monkeypatch.setattr(tiudev, "interface_addresses", lambda name: answers.pop(0))
-    t._check_source()
-    assert t.check_source and t.running  # no address yet: wait
-    t._check_source()
-    assert not t.check_source and t.running and t.failure is None
-    t.check_source = True
+    t.conn.tick(0.0)
+    assert t.conn.check_source and t.running  # no address yet: wait
+    t.conn.tick(1.0)
+    assert not t.conn.check_source and t.running and t.failure is None
+    t.conn.check_source = True
     monkeypatch.setattr(tiudev, "interface_addresses", lambda name: ["198.51.100.7"])
-    t._check_source()
+    t.conn.tick(2.0)
     assert not t.running and "back with the address 198.51.100.7, not 192.0.2.1" in t.failure
 
 
@@ -215,7 +218,8 @@ def test_new_client_flow_while_the_interface_is_missing_is_a_named_drop():
     t = make("simple", client=True, ln=tiu_links(bind_index=None))
     t.clock = FakeClock(0.0)
     pkt = ipv4_tcp(1, b"", sport=40000, dport=7001)
-    assert t.tx_route(memoryview(pkt), 0.0) is None
+    flow, _ = t.router.tx(memoryview(pkt), 0.0)
+    assert t.conn.send(t.packets.segments(memoryview(pkt), 0), flow) == (0, 0)
     assert t.counters["tx_drop_no_interface"] == 1 and not t.router.flows
 
 

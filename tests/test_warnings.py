@@ -14,7 +14,7 @@ import pytest
 from testkit import FakeClock
 from udp_encap_tun import auth, conn, status
 from udp_encap_tun.core import SILENCE, WARN_INTERVAL, Router
-from udp_encap_tun.device import Tunnel
+from udp_encap_tun.conn import Datagrams
 
 KEY = b"0123456789abcdef-secret"
 OTHER_KEY = b"another key of 16+ bytes"
@@ -340,11 +340,13 @@ def test_a_send_failing_with_an_earlier_icmp_error_is_sent_again(recverr_socket,
     sock, dead, listener = recverr_socket
     router = Router(endpoint_port=dead[1])
     router.tx_destination(socket.inet_aton(dead[0]), 1.0)
-    tunnel = Tunnel(router, None, sock, clock=FakeClock(2.0))
-    assert tunnel.send_batches([(b"data", 4)], listener.getsockname()) == (1, 4)
+    edge = Datagrams(sock, retry_pending=True)
+    edge.failed = lambda exc, dest, size: router.send_failed(dest, exc.errno, size, 2.0)
+    assert edge.send([(b"data", 4)], listener.getsockname()) == (1, 4)
     assert listener.recv(100) == b"data"
     assert "tx_drop_send_error" not in router.counters
-    tunnel.on_udp_error()
+    for dest, err, info, offender in edge.icmp_errors():  # what the loop does on EPOLLERR
+        router.icmp_error(dest, err, info, offender, 2.0)
     assert router.counters["icmp_port_unreachable"] == 1
     assert warnings() == [f"server 127.0.0.1:{dead[1]}: port unreachable: nothing listens on UDP "
                           f"port {dead[1]} there (is --endpoint-port right, is the server running?)"]

@@ -342,8 +342,7 @@ def run(args) -> None:
     from .auth import Keys, load_psk
     from .conn import enable_icmp_errors, open_udp, probe_udp_offload
     from .core import Router
-    from .device import OffloadTunnel, Tunnel
-    from .keepalive import Keepalive
+    from .loop import default_wire
     from .store import AddressPool
     from .faults import Links
     from .tun import link_info, open_tun
@@ -372,18 +371,15 @@ def run(args) -> None:
         address_key = args.address_key.encode() or (keys.address if keys else b"")
         router = Router(args.endpoint_port, args.address_pool, args.peer_timeout,
                         args.max_peers, address_key, mss=None if args.no_clamp_mss else mtu - 40,
-                        keys=keys, admission_rate=args.admission_rate)
+                        keys=keys, admission_rate=args.admission_rate,
+                        keepalive=args.keepalive or None)
         tun.refresh_address()
         router.set_tun_address(tun.address, tun.network)  # validates a derived pool
-        services = [Keepalive(args.keepalive)] if args.keepalive else []
-        services += _services(args)
         links = Links(tun.index, mtu, args.bind_to_interface, bind_index, bind_mtu,
                       explicit_mtu=args.mtu, clamp=not args.no_clamp_mss)
-        if offload:
-            gso, gro = probe_udp_offload(sock)
-            tunnel = OffloadTunnel(router, tun, sock, gso, gro, services=services, links=links)
-        else:
-            tunnel = Tunnel(router, tun, sock, services=services, links=links)
+        gso, gro = probe_udp_offload(sock) if offload else (False, False)
+        tunnel = default_wire(router, tun, sock, offload, gso, gro, services=_services(args),
+                              links=links)
         log.info("data path: %s", tunnel.data_path)
         try:
             tunnel.run()

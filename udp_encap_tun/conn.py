@@ -1,4 +1,5 @@
-"""The UDP socket (I/O edge): bound to an interface and the listen port."""
+"""The UDP edge: the socket (bound to an interface and the listen port) and
+the classes that send and receive batches of datagrams on it."""
 
 from __future__ import annotations
 
@@ -6,8 +7,19 @@ import errno
 import logging
 import socket
 import struct
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, TypeAlias
 
+from . import offload as ol
 from .errors import OperatorError
+
+Address: TypeAlias = tuple[str, int]
+Buffer: TypeAlias = bytes | bytearray | memoryview
+# wire segments to send: [(buffer, segment size)], every segment of a buffer but
+# its last exactly that size (one datagram each)
+Batches: TypeAlias = Sequence[tuple[Buffer, int]]
+MAX_DATAGRAM = 65536
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +111,7 @@ def enable_icmp_errors(sock: socket.socket) -> None:
     (IP_RECVERR), so that "port unreachable" from a server that is not there
     names it.  Without it an unconnected UDP socket never hears of them.  The
     kernel also fails the next send (to any destination) with such an error
-    once; device.Tunnel sends that datagram again."""
+    once; Datagrams.send sends that datagram again."""
     sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
 
 
@@ -146,3 +158,177 @@ def set_buffers(sock: socket.socket, size: int) -> None:
             sock.setsockopt(socket.SOL_SOCKET, force, size)
         except OSError:
             sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
+# --------------------------------------------------------------------------- the UDP edge
+
+
+class Datagrams:
+    """The UDP edge of the simple data path: datagrams go out and come in one
+    per system call.  It sends *batches* -- ``[(buffer, segment size)]``, every
+    segment of a buffer but its last exactly that size -- and receives into a
+    buffer the loop gives it.  The system calls' failures are its business:
+    an error an ICMP message left pending (client, IP_RECVERR) is tried again
+    once, a datagram refused because the bound link's MTU just fell is cut to
+    the new size (*too_long*, asked with the refused size, says whether it fell
+    and sets ``max_segment``), every other failure goes to *failed* (exc,
+    destination, size) to be counted."""
+
+    gso = gro = False
+
+    def __init__(self, sock: socket.socket, retry_pending: bool = False):
+        self.sock = sock
+        sock.setblocking(False)
+        self.fd = sock.fileno()
+        self.retry_pending = retry_pending  # client: IP_RECVERR leaves errors pending
+        # set by the loop: count a failed send; after EMSGSIZE, whether the link's MTU fell
+        self.failed: Callable[[OSError, Address, int], None] = _ignore
+        self.too_long: Callable[[int], bool] | None = None
+        self.max_segment = MAX_DATAGRAM  # the largest datagram the bound link carries
+        self._sendto = sock.sendto
+
+    def describe(self) -> str:
+        return "one datagram per system call"
+
+    def describe_udp(self) -> str:
+        return "UDP port %d" % self.sock.getsockname()[1]
+
+    def watch(self, loop: Any) -> list[tuple[int, Callable[[], None]]]:
+        """(fd, callback) of the UDP side for the loop to watch."""
+        return [(self.fd, loop.on_udp)]
+
+    def tick(self, now: float) -> None:
+        """About once a second (the loop's timer)."""
+
+    def rebind(self, links: Any) -> None:
+        """An interface of the bound name is back (at a new index): bind the
+        socket to it again."""
+        name = links.bind_name
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, name.encode())
+        except OSError as exc:  # EPERM without CAP_NET_RAW; ENODEV if gone again
+            links.bind_index = None  # still missing; the next event of it retries
+            log.error("cannot bind the UDP socket to %s again: %s", name, exc.strerror)
+            return
+        log.info("bound interface %s is back (index %d): UDP socket bound to it again",
+                 name, links.bind_index)
+
+    # -- sending -------------------------------------------------------------
+    def send(self, batches: Batches, dest: Address) -> tuple[int, int]:
+        """Send the wire segments of *batches* to *dest*: (datagrams, bytes) sent."""
+        packets = nbytes = 0
+        for data, size in batches:
+            n = len(data)
+            try:
+                if n <= size:  # one datagram: the common case, no detour
+                    self._sendto(data, dest)
+                else:
+                    self.send_batch(data, size, dest)
+            except OSError as exc:
+                if exc.errno in REPORTED_ERRORS or (exc.errno == errno.EMSGSIZE
+                                                    and self.retry_pending):
+                    exc = self._send_again(data, size, dest)
+                if exc is not None:
+                    if exc.errno == errno.EMSGSIZE and self.too_long is not None \
+                            and self.too_long(min(n, size)):
+                        sent = self._send_recut(data, size, dest)
+                        packets += sent[0]
+                        nbytes += sent[1]
+                    else:
+                        self.failed(exc, dest, min(n, size))
+                    continue
+            packets += -(-n // size) if size else 1
+            nbytes += n
+        return packets, nbytes
+
+    def send_batch(self, data: Buffer, size: int, dest: Address) -> None:
+        """Several segments: one datagram each."""
+        for off in range(0, len(data), size):
+            self._sendto(data[off:off + size], dest)
+
+    def _send_again(self, data: Buffer, size: int, dest: Address) -> OSError | None:
+        """An error left pending by an ICMP message fails the next send whatever
+        its destination: send it again, once.  Returns the second try's error."""
+        try:
+            if len(data) <= size:
+                self._sendto(data, dest)
+            else:
+                self.send_batch(data, size, dest)
+        except OSError as exc:
+            return exc
+        return None
+
+    def _send_recut(self, data: Buffer, size: int, dest: Address) -> tuple[int, int]:
+        """A batch the kernel refused as too long, cut to the bound link's new MTU."""
+        packets = nbytes = 0
+        for part, part_size in self.recut(data, size):
+            n = len(part)
+            try:
+                if n <= part_size:
+                    self._sendto(part, dest)
+                else:
+                    self.send_batch(part, part_size, dest)
+            except OSError as exc:
+                self.failed(exc, dest, min(n, part_size))
+                continue
+            packets += -(-n // part_size)
+            nbytes += n
+        return packets, nbytes
+
+    def recut(self, data: Buffer, size: int) -> Batches:
+        return ol.recut(data, size, self.max_segment)
+
+    # -- receiving -----------------------------------------------------------
+    def recv(self, view: memoryview) -> tuple[int, Address, int]:
+        """One datagram into *view*: (length, source, GRO segment size or 0).
+        Raises BlockingIOError when none is queued."""
+        n, peer = self.sock.recvfrom_into(view)
+        return n, peer, 0
+
+    def split(self, view: memoryview, n: int, seg_size: int) -> list[memoryview]:
+        """The datagrams of a receive of *n* bytes (several with UDP_GRO)."""
+        return ol.split_gro(view, n, seg_size) if n else [view[:0]]
+
+    def icmp_errors(self) -> list[tuple[Address, int, int, str | None]]:
+        return read_icmp_errors(self.sock)
+
+
+class OffloadDatagrams(Datagrams):
+    """The UDP edge of the offload path: a batch of segments leaves in one
+    sendmsg (UDP_SEGMENT) and a receive may return several datagrams of one
+    peer at once (UDP_GRO: the segment size comes as a control message)."""
+
+    def __init__(self, sock: socket.socket, retry_pending: bool = False,
+                 gso: bool = False, gro: bool = False):
+        super().__init__(sock, retry_pending)
+        self.gso, self.gro = gso, gro
+        self._cmsg_space = socket.CMSG_SPACE(4)
+        self._recvmsg_into = sock.recvmsg_into
+
+    def describe(self) -> str:
+        return "UDP GSO %s, GRO %s" % ("on" if self.gso else "off: one sendto per segment",
+                                       "on" if self.gro else "off")
+
+    def send_batch(self, data: Buffer, size: int, dest: Address) -> None:
+        """All segments in one sendmsg (UDP_SEGMENT), where the kernel has it."""
+        if not self.gso:
+            return super().send_batch(data, size, dest)
+        self.sock.sendmsg((data,), ((SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder)),),
+                          0, dest)
+        return None
+
+    def recv(self, view: memoryview) -> tuple[int, Address, int]:
+        n, ancdata, _flags, peer = self._recvmsg_into((view,), self._cmsg_space)
+        return n, peer, gro_size(ancdata)
+
+
+def _ignore(exc: OSError, dest: Address, size: int) -> None:
+    log.debug("sendto %s:%d: %s", *dest, exc)
+
+
+def gro_size(ancdata: list[tuple[int, int, bytes]]) -> int:
+    """The segment size of a UDP_GRO receive (0: one datagram)."""
+    for level, kind, data in ancdata:
+        if level == SOL_UDP and kind == UDP_GRO:
+            return int.from_bytes(data[:4], sys.byteorder)
+    return 0

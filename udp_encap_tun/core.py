@@ -1,6 +1,11 @@
-"""Sans-IO tunnel logic: where a TX packet goes, which addresses an RX segment
-gets, and the counters.  The I/O loop (device.py) calls into this; the unit
-tests drive it directly with an injected clock."""
+"""Sans-IO tunnel logic: the Router decides, the I/O loop (loop.py) carries
+out.  For a packet read from the tun: dropped (why), held until the client is
+authenticated, or sent to which UDP destination; for a received datagram: a
+TCP segment for the tun (with which addresses), a keepalive, a control message
+or junk (why).  Every datagram that is not data -- control replies, keepalives
+and their answers, data released after authentication -- waits in ``outbox``
+until the loop sends it.  Every method takes ``now``; the unit tests drive it
+with an injected clock."""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import socket
 from collections import Counter
 
 from . import auth
+from . import packet as pk
 from .store import AddressPool, Entry, PeerStore
 
 log = logging.getLogger(__name__)
@@ -101,7 +107,7 @@ class Router:
     def __init__(self, endpoint_port: int | None = None, pool_cidr: str | None = None,
                  timeout: float = 300.0, max_peers: int = 65536, pool_key: bytes = b"",
                  mss: int | None = None, keys: auth.Keys | None = None,
-                 admission_rate: float = 100.0):
+                 admission_rate: float = 100.0, keepalive: float | None = None):
         self.endpoint_port = endpoint_port
         self.client = endpoint_port is not None  # client mode (else server mode)
         self.mss = mss  # clamp the MSS of SYNs crossing the tunnel to this (None: off)
@@ -117,11 +123,15 @@ class Router:
         self._aton: dict[str, bytes] = {}
         self._routes: dict[bytes, tuple] = {}  # client: IPv4 destination -> (UDP dest, None)
         self.ident = 0
-        # datagrams to send, [(dest, [(buffer, segment size), ...])]: control replies
-        # and data released after authentication; the I/O loop empties it
+        # datagrams to send, [(dest, [(buffer, segment size), ...] or None)]: control
+        # replies, data released after authentication, keepalives (None: an empty
+        # datagram); the I/O loop empties it
         self.outbox: list = []
+        self.keepalive = keepalive  # client: seconds between keepalives (None: none)
+        self.next_keepalive: float | None = None
         self.admission = auth.TokenBucket(admission_rate, max(1.0, admission_rate))
         self.client_auth = auth.ClientAuth(keys) if keys and self.client else None
+        self.holds = self.client_auth is not None  # data may have to wait for authentication
         self.server_auth = auth.ServerAuth(keys) if keys and not self.client else None
         self.warnings = Warnings()
 
@@ -181,6 +191,43 @@ class Router:
                                 *entry.peer, ipaddress.IPv4Address(entry.address))
 
     # -- TX: tun -> UDP -----------------------------------------------------
+    def tx(self, pkt, now: float):
+        """A packet read from the tun: (UDP destination, store entry to count on
+        or None), or None if it is dropped (counted).  A TCP SYN's MSS is clamped
+        here.  Then the loop gives its wire segments to held() (if ``holds``),
+        sends them, and reports with sent_data()."""
+        reason = pk.classify_tx(pkt)
+        if reason is not None:
+            self.counters["tx_drop_" + reason] += 1
+            return None
+        route = self.tx_destination(pk.destination(pkt), now)
+        if route is not None and self.mss:
+            hlen = pk.header_len(pkt)
+            if pkt[hlen + 13] & pk.SYN:
+                self.clamp(pkt[hlen:pk.packet_length(pkt)], "tx")
+        return route
+
+    def clamp(self, segment, direction: str) -> None:
+        if pk.clamp_mss(segment, self.mss):
+            self.counters[direction + "_mss_clamped"] += 1
+
+    def held(self, dest, batches, now: float) -> bool:
+        """Client with a key: True if *dest* has not authenticated us yet (the
+        segments are held, and a HELLO goes out)."""
+        if dest in self.client_auth.ready:
+            return False
+        self.hold(dest, batches, now)
+        return True
+
+    def sent_data(self, entry: Entry | None, packets: int, nbytes: int) -> None:
+        """Data went out (to the peer of *entry*, server)."""
+        counters = self.counters
+        counters["tx_packets"] += packets
+        counters["tx_bytes"] += nbytes
+        if entry is not None:
+            entry.tx_packets += packets
+            entry.tx_bytes += nbytes
+
     def tx_destination(self, dst: bytes, now: float):
         """(UDP (host, port), store entry or None) for a packet to IPv4 *dst*
         (4 bytes), or None (counted)."""
@@ -200,14 +247,43 @@ class Router:
     def _new_route(self, dst: bytes):
         if len(self._routes) > 4096:  # bounded: a scan through the tun must not grow memory
             self._routes.clear()
-            self.remotes.clear()
-            self.servers.clear()
+        if len(self.remotes) > 4096:  # so are the servers TCP went to: the latest used stay
+            recent = sorted(self.remotes.items(), key=lambda item: item[1])[-2048:]
+            self.remotes = dict(recent)
+            self.servers = {d: s for d, s in self.servers.items() if d in self.remotes}
         route = self._routes[bytes(dst)] = ((socket.inet_ntoa(dst), self.endpoint_port), None)
         if route[0] not in self.servers:
             self.servers[route[0]] = ServerState(route[0][0])
         return route
 
     # -- RX: UDP -> tun -----------------------------------------------------
+    def rx_segment(self, seg, peer, now: float) -> bool:
+        """A datagram from *peer*: True if it is a TCP segment for the tun (a
+        SYN's MSS clamped), else it was handled here: a keepalive (answered
+        through the outbox), a control message, or junk (counted)."""
+        reason = pk.classify_rx(seg)
+        if reason is None:
+            if seg[13] & pk.SYN and self.mss:
+                self.clamp(seg, "rx")
+            return True
+        if not seg:
+            if self.keepalive_received(peer, now):
+                self.outbox.append((peer, None))
+        elif auth.is_control(seg):
+            self.control(seg, peer, now)
+        else:
+            self.counters["rx_drop_" + reason] += 1
+        return False
+
+    def received(self, entry: Entry | None, packets: int, nbytes: int) -> None:
+        """Data from the peer of *entry* (server) went into the tun."""
+        counters = self.counters
+        counters["rx_packets"] += packets
+        counters["rx_bytes"] += nbytes
+        if entry is not None:
+            entry.rx_packets += packets
+            entry.rx_bytes += nbytes
+
     def rx_addresses(self, peer, now: float, count: int = 1):
         """(source, destination, entry) for *count* segments from UDP *peer*, or
         None (then counted as *count* drops).
@@ -333,6 +409,9 @@ class Router:
         self._send_control(dest, hello, now)
 
     def tick(self, now: float) -> None:
+        """About once a second: handshake retries, client keepalives, warnings."""
+        if self.keepalive is not None:
+            self._keepalives(now)
         if self.client_auth is not None:
             for hello, dest in self.client_auth.retries(now):
                 self._send_control(dest, hello, now)
@@ -457,6 +536,19 @@ class Router:
             return False
         entry.answered = now
         return True
+
+    def _keepalives(self, now: float) -> None:
+        """Client: an empty datagram to each server TCP went to, every
+        ``keepalive`` seconds (keeps a NAT mapping and the server's entry alive
+        while TCP is idle; our server answers, the C original ignores it)."""
+        if self.next_keepalive is None:
+            self.next_keepalive = now + self.keepalive
+        if now < self.next_keepalive:
+            return
+        self.next_keepalive = now + self.keepalive
+        for dest in self.keepalive_targets(now):
+            self.outbox.append((dest, None))
+            self.sent(dest, now)
 
     def keepalive_targets(self, now: float, forget: float = KEEPALIVE_FORGET):
         """Client: the servers TCP went to in the last *forget* seconds."""

@@ -193,3 +193,37 @@ def clamp_mss(segment, mss_max: int) -> bool:
             return False
         i += size
     return False
+
+
+# --------------------------------------------------------------------------- address families
+# The offsets that depend on the IP version, in one place: the data path asks
+# these instead of reading header bytes at fixed offsets.  The TCP pseudo-header
+# sum (address_sums, pseudo_header_sum) is the same formula for both families:
+# the addresses, the protocol and the segment length (IPv6 widens the last two
+# to 32 bits, which leaves a ones' sum of values below 65536 unchanged).
+
+IPV6_HEADER_LEN = 40
+
+
+def header_len(packet: bytes | bytearray | memoryview) -> int:
+    """Bytes of IP header in front of the TCP segment of a packet that passed
+    classify_tx: 20 (IPv4, no options) or 40 (IPv6, no extension headers)."""
+    return IPV4_HEADER_LEN if packet[0] >> 4 == 4 else IPV6_HEADER_LEN
+
+
+def packet_length(packet: bytes | bytearray | memoryview) -> int:
+    """The packet's length as its header says (IPv4: total length; IPv6:
+    payload length plus the fixed header)."""
+    if packet[0] >> 4 == 4:
+        return (packet[2] << 8) | packet[3]
+    return IPV6_HEADER_LEN + ((packet[4] << 8) | packet[5])
+
+
+def source(packet: bytes | bytearray | memoryview) -> bytes:
+    """The source address (4 or 16 bytes)."""
+    return bytes(packet[12:16]) if packet[0] >> 4 == 4 else bytes(packet[8:24])
+
+
+def destination(packet: bytes | bytearray | memoryview) -> bytes:
+    """The destination address (4 or 16 bytes)."""
+    return bytes(packet[16:20]) if packet[0] >> 4 == 4 else bytes(packet[24:40])

@@ -1,17 +1,16 @@
 """What lives beside the data path in the loop (status socket, service manager
-notification, keepalives): the Service base class, and the small view of the
+notification): the Service base class, and the small view of the
 tunnel that services read (TunnelView), so that no service imports the loop.
 
-The loop (device.Tunnel and its kin, tiudev's tunnels) satisfies these
-Protocols structurally; they list exactly what the services use:
+The loop (loop.Loop, whatever edges it is given) satisfies these Protocols
+structurally; they list exactly what the services use:
 
 * every service: ``TunnelView`` (the router's common part, the tun, counters,
   the UDP socket, the links, the data path, the clock);
 * the default wire's tunnels also: ``UdpTunnelView`` (the client's servers and
-  keepalive targets, the server's peer limit, ``send_keepalive``);
+  keepalive targets, the server's peer limit);
 * ``--wire tcp-in-udp`` tunnels: ``FlowsTunnelView`` (the flows, the bound
-  interface's name and ``describe_flows``).  A tcp-in-udp tunnel has the loop's
-  ``send_keepalive`` too: test for FlowsTunnelView first.
+  interface's name and ``describe_flows``): test for it first.
 
 The offload tunnels' ``gso`` and ``gro`` flags are read with getattr (absent:
 off) by the status document.
@@ -104,7 +103,6 @@ class TunnelView(Protocol):
 class UdpTunnelView(TunnelView, Protocol):
     @property
     def router(self) -> UdpRouterView: ...
-    def send_keepalive(self, dest: Address, now: float) -> None: ...
 
 
 @runtime_checkable
@@ -115,10 +113,12 @@ class FlowsTunnelView(TunnelView, Protocol):
     def device(self) -> str | None: ...  # the interface the flows' sockets are bound to
     def describe_flows(self, now: float) -> dict[str, Any]: ...
 
+HOUSEKEEPING = 1.0  # seconds between the loop's timer runs (Service.tick)
+
 
 class Service:
     """Something that lives beside the data path in the same loop (status
-    socket, service manager notification, keepalive...).  Override what you need."""
+    socket, service manager notification...).  Override what you need."""
 
     def watch(self, tunnel: TunnelView) -> Iterable[Watch]:
         """(fd, callback) pairs to watch for reading; called once at start."""

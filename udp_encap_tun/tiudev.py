@@ -1,8 +1,8 @@
 """The I/O edge of the TCP-in-UDP wire mode (``--wire tcp-in-udp``): the UDP
 sockets (one per listen port on a server, one per flow on a client), the
 policy routing that sends the tunnelled TCP into the tun, and the loop's
-TCP-in-UDP variants of the two data paths.  Decisions are in tiumode.py, the
-byte mapping in tiu.py; the loop itself is device.Tunnel's."""
+UDP edge (TiuConn) the loop is given in this mode.  Decisions are in
+tiumode.py, the byte mapping in tiu.py, the loop in loop.py."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import resource
 import socket
 import struct
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from pyroute2 import IPRoute
 
@@ -23,10 +25,11 @@ from . import packet as pk
 from . import tiu
 from .conn import (SOL_UDP, UDP_GRO, UDP_SEGMENT, open_udp, probe_udp_offload, set_buffers,
                    set_path_mtu_discovery)
-from .device import BATCH, BUFSIZE, RX_BATCH, SMALL, OffloadTunnel, Tunnel
+from .loop import BATCH, RX_AREA, RX_BATCH, SMALL, Loop
 from .errors import OperatorError
 from .faults import TIU_OVERHEAD, Links
 from .tiumode import MAX_PORTS, TiuRouter, count_ports, format_ranges, parse_port_ranges
+from .tun import BUFSIZE, OffloadPackets, Packets
 
 log = logging.getLogger(__name__)
 
@@ -154,83 +157,112 @@ def _write(path: str, value: str) -> bool:
     return True
 
 
-# --------------------------------------------------------------------------- the data paths
+# --------------------------------------------------------------------------- the UDP edge
 
 
-class _TiuMixin:
-    """What the TCP-in-UDP mode changes in the loop: where a packet from the
-    tun leaves (the socket of its port, or of its flow), the wire payload's
-    layout, and the receive side of every socket."""
+class TiuConn:
+    """The UDP edge of the TCP-in-UDP mode: the sockets (server: one per listen
+    port, with IP_PKTINFO; client: one per flow, bound to its TCP source
+    address and port and connected to its server), sending wire payloads to a
+    flow, and receiving them: each socket is drained on its own and its
+    payloads go to the tun as TCP segments (through the tun edge, coalesced
+    when it can; a GRO buffer that is one in-order run in one piece)."""
 
-    router: TiuRouter
-    tiu_wire = True  # cut_to_fit and the re-cut make wire payloads
+    fd = None  # many sockets: no single one for the loop to watch
 
-    def setup(self, sockets: dict, device: str, flow_buffer: int = FLOW_BUFFER,
-              source: str | None = None):
+    def __init__(self, router: TiuRouter, packets: Packets, sockets: dict, device: str,
+                 gso: bool = False, gro: bool = False, flow_buffer: int = FLOW_BUFFER,
+                 source: str | None = None):
+        self.router = router
+        self.counters = router.counters
+        self.packets = packets
         self.sockets = sockets  # server: listen port -> socket
         self.device = device
+        self.gso, self.gro = gso, gro
         self.source = source  # client: the bound interface's address (the TCP source)
         self.check_source = False  # client: the interface is back; is its address too?
         self.flow_buffer = flow_buffer
-        self.rx_payload = self.rx_start + tiu.UDP_HEADER_LEN  # where a wire payload lands
+        self.max_segment = BUFSIZE
+        self.links: Links | None = None
+        self.loop: Any = None
+        self.tun_mtu: int | None = None  # for the status document
+        # RX buffer: a wire payload lands at rx_payload; the tun's headers and the
+        # TCP header's first 8 bytes (the payload is 8 bytes shorter) fit in front
+        self.rx_start = packets.header_len + pk.IPV4_HEADER_LEN
+        self.rx_payload = self.rx_start + tiu.UDP_HEADER_LEN
+        self.rxbuf = bytearray(self.rx_payload + (RX_AREA if packets.coalesces else BUFSIZE))
+        self.rxview = memoryview(self.rxbuf)
         self._aton: dict = {}
         self._pktinfo: dict = {}
         self.cmsg_space = socket.CMSG_SPACE(4) + socket.CMSG_SPACE(_PKTINFO.size)
-        self.tun_mtu = None  # for the status document
+        self.failed: Callable[[OSError, Any, int], None] = lambda exc, dest, size: None
+        self.too_long: Callable[[int], bool] | None = None
 
-    # -- the loop's hooks --------------------------------------------------
-    def udp_watch(self):
-        watched = []
-        for port, sock in self.sockets.items():
-            sock.setblocking(False)
-            watched.append((sock.fileno(), lambda s=sock, p=port: self.on_listen(s, p)))
-        return watched
+    # -- the loop's edge interface -----------------------------------------------
+    def describe(self) -> str:
+        return "UDP GSO %s, GRO %s" % ("on" if self.gso else "off: one sendto per segment",
+                                       "on" if self.gro else "off")
 
     def describe_udp(self) -> str:
         if self.router.client:
             return "TCP-in-UDP to ports %s" % format_ranges(self.router.ranges)
         return "TCP-in-UDP on ports %s" % format_ranges(self.router.ranges)
 
-    def tx_route(self, pkt, now: float):
-        router = self.router
-        flow = router.tx_flow(pkt, now)
-        if flow is None:
-            return None
-        if router.client:
-            if flow.sock is None and not self._open_flow(flow):
-                return None
-            return flow.dest, flow
+    def watch(self, loop: Any) -> list:
+        self.loop, self.links = loop, loop.links
+        if self.tun_mtu is None and loop.links is not None:
+            self.tun_mtu = loop.links.tun_mtu
+        watched = []
+        for port, sock in self.sockets.items():
+            sock.setblocking(False)
+            watched.append((sock.fileno(), lambda s=sock, p=port: self.on_listen(s, p)))
+        return watched
+
+    def tick(self, now: float) -> None:
+        for flow in self.router.expire(now):
+            self._close_flow(flow)
+        if self.check_source:
+            self._check_source()
+
+    def icmp_errors(self) -> list:
+        return []
+
+    # -- TX --------------------------------------------------------------------
+    def send(self, batches, flow) -> tuple[int, int]:
+        """Send wire payloads of *flow* (a client's from its own socket, opened
+        on its first packet; a server's from its listen port's, from the
+        address the peer sent to)."""
         dest = flow.dest
-        if dest is not None:
-            return dest, flow
-        sock = self.sockets[(pkt[20] << 8) | pkt[21]]
-        src = bytes(pkt[12:16])
+        if dest is None:
+            dest = self._client_dest(flow) if self.router.client else self._server_dest(flow)
+            if dest is None:
+                return 0, 0
+        return self._send(batches, dest, True)
+
+    def _server_dest(self, flow) -> tuple:
+        key = flow.key
+        sock = self.sockets[(key[8] << 8) | key[9]]
+        src = key[0:4]
         cmsg = self._pktinfo.get(src)
         if cmsg is None:
             if len(self._pktinfo) > 4096:
                 self._pktinfo.clear()
             cmsg = self._pktinfo[src] = [(socket.IPPROTO_IP, IP_PKTINFO,
                                           _PKTINFO.pack(0, src, _ZERO_ADDR))]
-        addr = (socket.inet_ntoa(pkt[16:20]), (pkt[22] << 8) | pkt[23])
+        addr = flow.remote
         flow.dest = (sock, addr, cmsg, addr)
-        return flow.dest, flow
+        return flow.dest
 
-    def wire_segments(self, pkt, total: int):
-        if total - 20 > self.max_segment:  # the bound link's MTU fell below the tun's
-            return self.cut_to_fit(pkt, total, total)
-        return ((tiu.encode_payload(pkt[20:total]), total - 28),)
-
-    def send_batches(self, batches, dest) -> tuple[int, int]:
-        packets, nbytes = self._send(batches, dest, True)
-        self.counters["tx_packets"] += packets
-        self.counters["tx_bytes"] += nbytes
-        return packets, nbytes
+    def _client_dest(self, flow) -> tuple | None:
+        if flow.sock is None and not self._open_flow(flow):
+            return None
+        return flow.dest
 
     def _send(self, batches, dest, recut: bool) -> tuple[int, int]:
         """Send wire payloads; one the kernel refuses as too long because the
         bound link's MTU just fell is cut to fit (once) and sent again."""
         sock, addr, cmsg, peer = dest
-        gso = getattr(self, "gso", False)
+        gso = self.gso
         packets = nbytes = 0
         for data, size in batches:
             n = len(data)
@@ -247,29 +279,21 @@ class _TiuMixin:
                     else:
                         sock.sendmsg((piece,), anc, 0, addr)
             except OSError as exc:
-                if (recut and exc.errno == errno.EMSGSIZE
-                        and self._shrunk(min(n, size) + tiu.UDP_HEADER_LEN)):
-                    self.counters["tx_resegmented"] += 1
+                if (recut and exc.errno == errno.EMSGSIZE and self.too_long is not None
+                        and self.too_long(min(n, size) + tiu.UDP_HEADER_LEN)):
                     sent = self._send(ol.recut(data, size, self.max_segment - tiu.UDP_HEADER_LEN,
                                                tiu=True), dest, False)
                     packets += sent[0]
                     nbytes += sent[1]
                 else:
-                    self._send_error(exc, peer, min(n, size))
+                    self.failed(exc, peer, min(n, size))
                 continue
             packets += -(-n // size)
             nbytes += n
         return packets, nbytes
 
-    def housekeeping(self, now: float) -> None:
-        for flow in self.router.expire(now):
-            self._close_flow(flow)
-        if self.check_source:
-            self._check_source()
-        super().housekeeping(now)
-
     # -- the bound interface re-created ------------------------------------------
-    def rebind(self) -> None:
+    def rebind(self, links: Links) -> None:
         """An interface of the bound name is back (at a new index): every socket
         of the mode (the listen sockets, the client's flow sockets) is bound to
         it again, in place (a flow socket keeps its address and port: the
@@ -313,7 +337,7 @@ class _TiuMixin:
             return  # not given its address yet
         self.check_source = False
         if self.source not in addresses:
-            self.fail(f"bound interface {self.links.bind_name} is back with the address "
+            self.loop.fail(f"bound interface {self.links.bind_name} is back with the address "
                       f"{addresses[0]}, not {self.source}: exiting (restart to use it)")
 
     def describe_flows(self, now: float) -> dict:
@@ -341,7 +365,7 @@ class _TiuMixin:
         if self.links is not None and not self.links.bind_present:
             self.router.forget(flow)
             self.router.count_rarely_logged("tx_drop_no_interface", "bound interface %s is "
-                                            "missing", self.links.bind_name, now=self.clock())
+                                            "missing", self.links.bind_name, now=self.loop.clock())
             return False
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
                              | socket.SOCK_NONBLOCK)
@@ -352,24 +376,24 @@ class _TiuMixin:
             sock.connect(flow.remote)
             set_buffers(sock, self.flow_buffer)
             set_path_mtu_discovery(sock)
-            if getattr(self, "gro", False):
+            if self.gro:
                 sock.setsockopt(SOL_UDP, UDP_GRO, 1)
         except OSError as exc:
             sock.close()
             self.router.forget(flow)
             self.router.count_rarely_logged("tx_drop_flow_socket", "cannot open the UDP socket "
                                             "%s:%d -> %s:%d: %s", *flow.local, *flow.remote,
-                                            exc.strerror, now=self.clock())
+                                            exc.strerror, now=self.loop.clock())
             return False
         flow.sock = sock
         flow.dest = (sock, None, (), flow.remote)
-        self.watch(sock.fileno(), lambda: self.on_flow(flow))
+        self.loop.watch(sock.fileno(), lambda: self.on_flow(flow))
         return True
 
     def _close_flow(self, flow) -> None:
         sock, flow.sock, flow.dest = flow.sock, None, None
         if sock is not None:
-            self.unwatch(sock.fileno())
+            self.loop.unwatch(sock.fileno())
             sock.close()
 
     def close_flows(self) -> None:
@@ -378,7 +402,7 @@ class _TiuMixin:
             if sock is not None:
                 sock.close()
 
-    # -- RX, simple path ---------------------------------------------------------
+    # -- RX --------------------------------------------------------------------
     def _ip(self, host: str) -> bytes:
         ip = self._aton.get(host)
         if ip is None:
@@ -395,10 +419,16 @@ class _TiuMixin:
 
     def on_listen(self, sock, port: int) -> None:
         """Server: datagrams to one listen port."""
+        if self.packets.coalesces:
+            router = self.router
+            self._drain(sock, lambda anc: self._local_ip(anc, sock),
+                        lambda local_ip, remote_ip, rport, now, count:
+                        router.rx_flow(local_ip, remote_ip, port, rport, now, count))
+            return
         view, recvmsg_into, cmsg_space = self.rxview, sock.recvmsg_into, self.cmsg_space
         target = (view[self.rx_payload:self.rx_payload + BUFSIZE],)
         router = self.router
-        now = self.clock()
+        now = self.loop.clock()
         for _ in range(BATCH):
             try:
                 n, ancdata, _flags, peer = recvmsg_into(target, cmsg_space)
@@ -424,11 +454,15 @@ class _TiuMixin:
         sock = flow.sock
         if sock is None:
             return
+        if self.packets.coalesces:
+            key = flow.key
+            self._drain(sock, lambda anc: key[0:4], lambda *_: flow)
+            return
         view, recv_into = self.rxview, sock.recv_into
         target = view[self.rx_payload:self.rx_payload + BUFSIZE]
         key = flow.key
         local_ip, remote_ip, ports = key[0:4], key[4:8], flow.rx_ports
-        flow.last = self.clock()
+        flow.last = self.loop.clock()
         for _ in range(BATCH):
             try:
                 n = recv_into(target)
@@ -454,48 +488,10 @@ class _TiuMixin:
         seg_len = n + tiu.UDP_HEADER_LEN
         pk.build_rx_packet(buf, seg_len, self.router.next_ident(), src, dst,
                            start - pk.IPV4_HEADER_LEN)
-        try:
-            os.write(self.tun.fd, self.rxview[:start + seg_len])
-        except OSError as exc:
-            if not self._tun_failed(exc):
-                self.counters["rx_drop_write_error"] += 1
-                log.debug("tun write: %s", exc)
-            return
-        self._count_received(flow, 1, seg_len)
+        if self.packets.write(self.rxview[:start + seg_len]):
+            self.router.received(flow, 1, seg_len)
 
-
-class TiuTunnel(_TiuMixin, Tunnel):
-    """The simple path in TCP-in-UDP mode."""
-
-    def __init__(self, router: TiuRouter, tun, sockets: dict, device: str, services=(),
-                 links: Links | None = None, source: str | None = None):
-        super().__init__(router, tun, None, services=services, links=links)
-        self.setup(sockets, device, source=source)
-
-
-class TiuOffloadTunnel(_TiuMixin, OffloadTunnel):
-    """The offload path in TCP-in-UDP mode: TSO super-packets cut into wire
-    payloads (sent with UDP GSO per socket), GRO buffers coalesced again."""
-
-    def __init__(self, router: TiuRouter, tun, sockets: dict, device: str, gso: bool,
-                 gro: bool, services=(), links: Links | None = None, source: str | None = None):
-        super().__init__(router, tun, None, gso, gro, services=services, links=links)
-        self.setup(sockets, device, source=source)
-
-    def wire_segments(self, pkt, total: int):
-        if self.txbuf[1] == ol.GSO_NONE:
-            if total - 20 > self.max_segment:
-                return self.cut_to_fit(pkt, total, total)
-            return ((tiu.encode_payload(pkt[20:total]), total - 28),)
-        gso_type, gso_size = self._unpack_vnet(self.txbuf, 0)[1:4:2]
-        if gso_type & ~ol.GSO_ECN == ol.GSO_TCPV4 and gso_size:
-            if ((pkt[32] >> 4) << 2) + gso_size > self.max_segment:
-                return self.cut_to_fit(pkt, total, gso_size)
-            return ol.tso_split(pkt[:total], gso_size, tiu=True)
-        self.counters["tx_drop_unsupported_gso"] += 1
-        return None
-
-    def _drain(self, sock, local_ip_of, flow_of, ports_of):
+    def _drain(self, sock, local_ip_of, flow_of) -> None:
         """Read what *sock* holds (GRO buffers or single datagrams) and write it
         to the tun as super-packets: a GRO buffer that is one in-order run
         directly (offload.coalesce_wire_gro), the rest decoded segment by
@@ -503,7 +499,7 @@ class TiuOffloadTunnel(_TiuMixin, OffloadTunnel):
         view, counters, router = self.rxview, self.counters, self.router
         recvmsg_into, cmsg_space = sock.recvmsg_into, self.cmsg_space
         classify, decode, fast = tiu.classify_payload, tiu.decode_payload, ol.coalesce_wire_gro
-        now = self.clock()
+        now = self.loop.clock()
         # [flow, remote ip, local ip, remote port, payloads or None, ready buffer or None]
         groups = []
         off = self.rx_payload  # a lone datagram can be delivered in place from there
@@ -535,7 +531,7 @@ class TiuOffloadTunnel(_TiuMixin, OffloadTunnel):
                         flow = flow_of(local_ip, remote_ip, peer[1], now, 1)
                         if flow is not None:
                             flow.last = now
-                            self.deliver_tiu(n, flow, remote_ip, local_ip, ports_of(flow))
+                            self.deliver_tiu(n, flow, remote_ip, local_ip, flow.rx_ports)
                     return
                 stop = True  # one packet at a time: epoll says whether more is queued
             last = groups[-1] if groups else None
@@ -546,7 +542,7 @@ class TiuOffloadTunnel(_TiuMixin, OffloadTunnel):
                                                     -(-n // seg_size))
                 if flow is None:
                     continue
-                out = fast(view[start:off], n, seg_size, ports_of(flow), remote_ip, local_ip,
+                out = fast(view[start:off], n, seg_size, flow.rx_ports, remote_ip, local_ip,
                            router.ident + 1)
                 if out is not None:
                     router.next_ident()
@@ -569,44 +565,18 @@ class TiuOffloadTunnel(_TiuMixin, OffloadTunnel):
             if flow is None:
                 continue
             groups.append([flow, remote_ip, local_ip, peer[1], good, None])
-        fd = self.tun.fd
+        packets = self.packets
         for flow, remote_ip, local_ip, _port, payloads, ready in groups:
             if ready is not None:
-                outs = (ready,)
                 npackets, nbytes = ol.wire_size(ready)
+                lost, lost_bytes = packets.write_buffers((ready,))
+                npackets, nbytes = npackets - lost, nbytes - lost_bytes
             else:
-                ports = ports_of(flow)
-                segments = [decode(p, ports) for p in payloads]
-                npackets, nbytes = len(segments), sum(map(len, segments))
-                outs = ol.coalesce(segments, remote_ip, local_ip, router.next_ident)
-            for out in outs:
-                try:
-                    os.write(fd, out)
-                except OSError as exc:
-                    if self._tun_failed(exc):
-                        return
-                    lost, lost_bytes = ol.wire_size(out)
-                    counters["rx_drop_write_error"] += lost
-                    npackets -= lost
-                    nbytes -= lost_bytes
-                    log.debug("tun write: %s", exc)
+                ports = flow.rx_ports
+                npackets, nbytes = packets.write_segments([decode(p, ports) for p in payloads],
+                                                          remote_ip, local_ip, router.next_ident)
             flow.last = now
-            self._count_received(flow, npackets, nbytes)
-
-    def on_listen(self, sock, port: int) -> None:
-        router = self.router
-        self._drain(sock, lambda anc: self._local_ip(anc, sock),
-                    lambda local_ip, remote_ip, rport, now, count:
-                    router.rx_flow(local_ip, remote_ip, port, rport, now, count),
-                    lambda flow: flow.rx_ports)
-
-    def on_flow(self, flow) -> None:
-        sock = flow.sock
-        if sock is None:
-            return
-        key = flow.key
-        self._drain(sock, lambda anc: key[0:4], lambda *_: flow, lambda f: f.rx_ports)
-
+            router.received(flow, npackets, nbytes)
 
 # --------------------------------------------------------------------------- start-up
 
@@ -687,7 +657,7 @@ def run(args, mtu: int | None, services_for, bind_index: int | None = None,
         source = None
     tun = routing = rp = None
     router = TiuRouter(client, ranges, args.peer_timeout, args.max_peers, args.admission_rate)
-    tunnel = None
+    tunnel = conn = None
     try:
         tun, offload = open_tun(args.interface, mtu, args.tun_address, not args.no_offload)
         tun.refresh_address()
@@ -710,6 +680,7 @@ def run(args, mtu: int | None, services_for, bind_index: int | None = None,
         services = services_for(mtu)
         links = Links(tun.index, mtu, args.bind_to_interface, bind_index, bind_mtu,
                       explicit_mtu=args.mtu, clamp=False, overhead=TIU_OVERHEAD)
+        gso = gro = False
         if offload:
             probe = next(iter(sockets.values()), None)
             if probe is None:
@@ -723,19 +694,17 @@ def run(args, mtu: int | None, services_for, bind_index: int | None = None,
                 for sock in sockets.values():
                     if gro:
                         sock.setsockopt(SOL_UDP, UDP_GRO, 1)
-            tunnel = TiuOffloadTunnel(router, tun, sockets, args.bind_to_interface, gso, gro,
-                                      services=services, links=links, source=source)
-        else:
-            tunnel = TiuTunnel(router, tun, sockets, args.bind_to_interface, services=services,
-                               links=links, source=source)
-        tunnel.tun_mtu = mtu
+        packets = (OffloadPackets if offload else Packets)(tun, router.counters, tiu_wire=True)
+        conn = TiuConn(router, packets, sockets, args.bind_to_interface, gso, gro, source=source)
+        conn.tun_mtu = mtu
+        tunnel = Loop(router, tun, packets, conn, services=services, links=links)
         log.info("wire: tcp-in-udp, %s %s; data path: %s", "client to ports" if client else
                  "server on ports", format_ranges(ranges), tunnel.data_path)
         tunnel.run()
         tunnel.log_counters()
     finally:
-        if tunnel is not None:
-            tunnel.close_flows()
+        if conn is not None:
+            conn.close_flows()
         if routing is not None:
             routing.close()
         if rp is not None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from . import auth
 from .core import Counters, Router, Warnings
+from .packet import classify_tx
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class TiuRouter:
 
     mss = None  # the datagram is exactly as long as the segment: nothing to clamp
     client_auth = None  # no control messages in this format
+    holds = False  # nothing waits for authentication
     store = None
 
     def __init__(self, client: bool, ports, timeout: float = 300.0, max_flows: int = 65536,
@@ -141,10 +143,22 @@ class TiuRouter:
     def tick(self, now: float) -> None:
         pass
 
-    # the default mode's rate-limited warnings and send-error accounting
+    # the default mode's rate-limited warnings, send-error and data accounting
     warn = Router.warn
     count_rarely_logged = Router.count_rarely_logged
     send_failed = Router.send_failed
+    sent_data = Router.sent_data
+    received = Router.received
+
+    def tx(self, packet, now: float) -> tuple[Flow, Flow] | None:
+        """A packet read from the tun: (its flow, the flow to count on), or None
+        if it is dropped (counted).  The UDP edge sends to the flow."""
+        reason = classify_tx(packet)
+        if reason is not None:
+            self.counters["tx_drop_" + reason] += 1
+            return None
+        flow = self.tx_flow(packet, now)
+        return None if flow is None else (flow, flow)
 
     # -- flows ---------------------------------------------------------------
     def _new_flow(self, key: bytes, now: float, direction: str, count: int = 1) -> Flow | None:

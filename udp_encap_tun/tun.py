@@ -1,6 +1,8 @@
-"""The tun device (I/O edge): open or create it, configure it with pyroute2,
-follow its IPv4 address and the links (tun and bound interface) through
-netlink, remove it on exit if we created it."""
+"""The tun edge: the device (open or create it, configure it with pyroute2,
+follow its IPv4 address and the links -- tun and bound interface -- through
+netlink, remove it on exit if we created it) and the classes that read and
+write batches of packets on it (the virtio-net header, TSO super-packets cut
+into wire segments and coalescing on write are theirs)."""
 
 from __future__ import annotations
 
@@ -12,12 +14,18 @@ import logging
 import os
 import socket
 import struct
+from collections import Counter
+from collections.abc import Callable, Iterable
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
+from . import offload as ol
+from . import packet as pk
+from . import tiu
+from .conn import Batches, Buffer
 from .errors import OperatorError, interface_name_problem
 from .faults import LinkEvent
 
@@ -311,3 +319,155 @@ def link_info(ifname: str) -> tuple[int, int]:
         if not links:
             raise OperatorError(f"no such interface: {ifname}")
         return links[0]["index"], links[0].get_attr("IFLA_MTU")
+
+
+# --------------------------------------------------------------------------- the tun edge
+
+TUN_GONE = frozenset({errno.EBADFD})  # read/write errors of a tun deleted under us
+BUFSIZE = 65536
+
+
+class TunGone(Exception):
+    """The tun was deleted under us: its fd is detached for good."""
+
+
+class Packets:
+    """The tun edge of the simple data path: one IPv4 packet per read and per
+    write, no virtio-net header.  TX: ``read`` then ``packet`` gives the packet
+    and its GSO size (always 0 here) and ``segments`` its wire segments.  RX:
+    ``write`` one packet (its header room, ``header_len`` bytes, in front)."""
+
+    header_len = 0  # bytes in front of each packet read from or written to the tun
+    coalesces = False  # whether write_segments is worth calling (else: one write each)
+
+    def __init__(self, tun: Tun, counters: Counter[str], tiu_wire: bool = False):
+        self.tun = tun
+        self.fd = tun.fd
+        self.counters = counters
+        self.tiu_wire = tiu_wire  # the wire payloads are TCP-in-UDP's (tiu.py), not TCP segments
+        self.max_segment = BUFSIZE  # the largest wire segment the bound link carries
+        self.buf = bytearray(BUFSIZE + 16)
+        self.view = memoryview(self.buf)
+
+    def describe(self) -> str:
+        return "one packet per system call"
+
+    # -- TX --------------------------------------------------------------------
+    def read(self) -> int:
+        """Read one packet into ``buf``: its length.  Raises BlockingIOError when
+        none is queued, TunGone, or OSError."""
+        try:
+            return os.readv(self.fd, (self.buf,))
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            self._check_gone(exc)
+            raise
+
+    def packet(self, n: int) -> tuple[memoryview, int] | None:
+        """The IPv4 packet of a read of *n* bytes and its GSO size (0: one segment)."""
+        return self.view[:n], 0
+
+    def segments(self, pkt: memoryview, gso_size: int) -> Batches | None:
+        """The wire segments of a validated TCP packet, cut to fit the bound
+        link, or None (counted) if they cannot be."""
+        total, hlen = pk.packet_length(pkt), pk.header_len(pkt)
+        tcp_len = total - hlen
+        if gso_size:
+            if ((pkt[hlen + 12] >> 4) << 2) + gso_size > self.max_segment:
+                return self._cut_to_fit(pkt, total, hlen, gso_size)
+            return ol.tso_split(pkt[:total], gso_size, tiu=self.tiu_wire)
+        if tcp_len > self.max_segment:
+            return self._cut_to_fit(pkt, total, hlen, total)
+        if self.tiu_wire:
+            return ((tiu.encode_payload(pkt[hlen:total]), tcp_len - tiu.UDP_HEADER_LEN),)
+        return ((pkt[hlen:total], tcp_len),)
+
+    def _cut_to_fit(self, pkt: memoryview, total: int, hlen: int,
+                    payload: int) -> Batches | None:
+        """A TX packet whose segments (of *payload* bytes of TCP payload at most)
+        do not fit in one datagram on the bound link (its MTU fell): cut into
+        segments that fit, or None (counted) if none can."""
+        size = self.max_segment - ((pkt[hlen + 12] >> 4) << 2)
+        if size <= 0:
+            self.counters["tx_drop_message_too_long"] += 1
+            return None
+        self.counters["tx_resegmented"] += 1
+        return ol.tso_split(pkt[:total], min(size, payload), tiu=self.tiu_wire)
+
+    # -- RX --------------------------------------------------------------------
+    def write(self, data: Buffer) -> bool:
+        """Write one tun buffer; False if it failed (counted).  Raises TunGone."""
+        try:
+            os.write(self.fd, data)
+        except OSError as exc:
+            self._check_gone(exc)
+            self.counters["rx_drop_write_error"] += 1
+            log.debug("tun write: %s", exc)
+            return False
+        return True
+
+    def write_segments(self, segments: list[memoryview], src: bytes, dst: bytes,
+                       next_ident: Callable[[], int]) -> tuple[int, int]:
+        """Write received TCP segments of one peer, in arrival order, as IPv4
+        packets from *src* to *dst*: (packets, bytes) of them that went in."""
+        buf, view, hlen = self.buf, self.view, self.header_len
+        packets = nbytes = 0
+        for seg in segments:
+            n = len(seg)
+            start = hlen + pk.IPV4_HEADER_LEN
+            view[start:start + n] = seg
+            pk.build_rx_packet(buf, n, next_ident(), src, dst, hlen)
+            if self.write(view[:start + n]):
+                packets += 1
+                nbytes += n
+        return packets, nbytes
+
+    def _check_gone(self, exc: OSError) -> None:
+        if exc.errno in TUN_GONE:
+            log.debug("tun %s: %s", self.tun.name, exc.strerror)
+            raise TunGone(f"tun {self.tun.name} was deleted: exiting") from None
+
+
+class OffloadPackets(Packets):
+    """The tun edge of the offload path (IFF_VNET_HDR, TSO and checksum
+    offload): a read may give a TCP super-packet (its GSO size in the
+    virtio-net header), and received segments of one peer are coalesced into
+    super-packets the kernel checksums."""
+
+    header_len = ol.VNET_HDR_LEN
+    coalesces = True
+
+    def __init__(self, tun: Tun, counters: Counter[str], tiu_wire: bool = False):
+        super().__init__(tun, counters, tiu_wire)
+        self._unpack_vnet = ol.VNET_HDR.unpack_from
+
+    def describe(self) -> str:
+        return "TUN TSO and checksum"
+
+    def packet(self, n: int) -> tuple[memoryview, int] | None:
+        pkt = self.view[ol.VNET_HDR_LEN:n]
+        if self.buf[1] == ol.GSO_NONE:  # the vnet header's gso_type: a plain packet
+            return pkt, 0
+        _flags, gso_type, _hdr_len, gso_size = self._unpack_vnet(self.buf, 0)[:4]
+        if gso_type & ~ol.GSO_ECN == ol.GSO_TCPV4 and gso_size:
+            return pkt, gso_size
+        self.counters["tx_drop_unsupported_gso"] += 1
+        return None
+
+    def write_segments(self, segments: list[memoryview], src: bytes, dst: bytes,
+                       next_ident: Callable[[], int]) -> tuple[int, int]:
+        packets, nbytes = len(segments), sum(map(len, segments))
+        lost, lost_bytes = self.write_buffers(ol.coalesce(segments, src, dst, next_ident))
+        return packets - lost, nbytes - lost_bytes
+
+    def write_buffers(self, outs: Iterable[bytearray]) -> tuple[int, int]:
+        """Write tun buffers made by offload.coalesce: the (segments, bytes) lost."""
+        lost = lost_bytes = 0
+        for out in outs:
+            if not self.write(out):
+                count, size = ol.wire_size(out)
+                self.counters["rx_drop_write_error"] += count - 1  # write counted one
+                lost += count
+                lost_bytes += size
+        return lost, lost_bytes

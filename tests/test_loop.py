@@ -1,5 +1,5 @@
-"""The I/O loop's send and receive sides on loopback sockets, with a socket pair
-or a pipe standing in for the tun (no root)."""
+"""The loop and its edges on loopback sockets, with a socket pair or a pipe
+standing in for the tun (no root)."""
 
 import ipaddress
 import logging
@@ -17,7 +17,7 @@ from udp_encap_tun import conn, offload, packet
 from udp_encap_tun.conn import probe_udp_offload
 from udp_encap_tun.errors import OperatorError
 from udp_encap_tun.core import Router
-from udp_encap_tun.device import OffloadTunnel, Pending, Tunnel
+from udp_encap_tun.loop import Pending, default_wire
 
 
 @pytest.fixture
@@ -36,34 +36,37 @@ def received(rx, count):
     return [rx.recv(65535) for _ in range(count)]
 
 
+def fake_tun(fd):
+    return SimpleNamespace(fd=fd, name="tun-test")
+
+
 @pytest.mark.parametrize("path", ["simple", "offload-no-gso", "offload-gso"])
 def test_batches_leave_as_one_datagram_per_segment(sockets, path):
     tx, rx = sockets
     if path == "simple":
-        tunnel = Tunnel(Router(endpoint_port=1), None, tx)
+        edge = conn.Datagrams(tx)
     else:
         gso = path == "offload-gso"
         if gso and not probe_udp_offload(tx)[0]:
             pytest.skip("no UDP GSO on this kernel")
-        tunnel = OffloadTunnel(Router(endpoint_port=1), None, tx, gso=gso, gro=False)
+        edge = conn.OffloadDatagrams(tx, gso=gso)
     segments = [bytes([i]) * 100 for i in range(3)] + [b"last"]
     batches = [(b"".join(segments[:3]), 100), (segments[3], 4)]
-    assert tunnel.send_batches(batches, rx.getsockname()) == (4, 304)
+    assert edge.send(batches, rx.getsockname()) == (4, 304)
     assert received(rx, 4) == segments
-    assert tunnel.counters["tx_packets"] == 4 and tunnel.counters["tx_bytes"] == 304
 
 
-def test_send_errors_are_counted_not_raised(sockets, caplog):
+def test_send_errors_are_counted_not_raised(sockets, tun_pair, caplog):
     """EMSGSIZE (here: larger than any datagram) is counted under its own name
     and warned about, naming the destination; other errors are send_error."""
     tx, _ = sockets
-    tunnel = Tunnel(Router(endpoint_port=1), None, tx)
-    assert tunnel.send_batches([(b"x" * 70000, 70000)], ("127.0.0.1", 9)) == (0, 0)
+    tunnel = default_wire(Router(endpoint_port=1), fake_tun(tun_pair[0].fileno()), tx)
+    assert tunnel.conn.send([(b"x" * 70000, 70000)], ("127.0.0.1", 9)) == (0, 0)
     assert tunnel.counters["tx_drop_message_too_long"] == 1
     assert "tx_drop_send_error" not in tunnel.counters
     [record] = [r for r in caplog.records if r.levelname == "WARNING"]
     assert "70000 bytes to 127.0.0.1:9" in record.getMessage() and "--mtu" in record.getMessage()
-    assert tunnel.send_batches([(b"x", 1)], ("127.0.0.1", 0)) == (0, 0)  # port 0: EINVAL
+    assert tunnel.conn.send([(b"x", 1)], ("127.0.0.1", 0)) == (0, 0)  # port 0: EINVAL
     assert tunnel.counters["tx_drop_send_error"] == 1
 
 
@@ -93,7 +96,7 @@ def test_tx_path_cuts_a_tso_packet_and_counts_per_peer(sockets):
     rfd, wfd = os.pipe()
     os.set_blocking(rfd, False)
     try:
-        tunnel = OffloadTunnel(router, SimpleNamespace(fd=rfd), tx, gso=False, gro=False)
+        tunnel = default_wire(router, fake_tun(rfd), tx, offload=True)
         payload = bytes(range(256)) * 2 + b"end"
         pkt = ip_packet(tcp_segment(payload, flags=packet.ACK | packet.PSH),
                         bytes([10, 9, 0, 1]), entry.address)
@@ -133,10 +136,10 @@ def rx_tunnel(kind, sockets, tun_pair):
     router = Router(endpoint_port=1)
     router.set_tun_address(bytes([10, 9, 0, 2]), None)
     rx.setblocking(False)
-    tun = SimpleNamespace(fd=tun_pair[0].fileno())
+    tun = fake_tun(tun_pair[0].fileno())
     if kind == "simple":
-        return Tunnel(router, tun, rx)
-    return OffloadTunnel(router, tun, rx, gso=False, gro=probe_udp_offload(rx)[1])
+        return default_wire(router, tun, rx)
+    return default_wire(router, tun, rx, offload=True, gro=probe_udp_offload(rx)[1])
 
 
 def written(theirs, count):
@@ -209,7 +212,7 @@ def test_tx_drains_small_packets_queued_together(sockets, tun_pair):
     router = Router()
     router.set_tun_address(bytes([10, 9, 0, 1]), ipaddress.IPv4Network("10.9.0.0/24"))
     entry = router.rx_addresses(rx.getsockname(), time.monotonic())[2]
-    tunnel = Tunnel(router, SimpleNamespace(fd=ours.fileno()), tx)
+    tunnel = default_wire(router, fake_tun(ours.fileno()), tx)
     for i in range(3):
         pkt = bytearray(20) + data_segment(i, b"!")
         packet.write_ipv4_header(pkt, 0, len(pkt), i, bytes([10, 9, 0, 1]), entry.address)
@@ -267,9 +270,9 @@ def _run_signal_tunnel(sockets, tun_pair, service, caplog) -> None:
     tx, _ = sockets
     tun = SimpleNamespace(fd=tun_pair[0].fileno(), name="tun-test", address=None, network=None,
                           start_monitor=lambda: monitor[0], drain_monitor=lambda: False)
-    caplog.set_level(logging.INFO, logger="udp_encap_tun.device")
+    caplog.set_level(logging.INFO, logger="udp_encap_tun.loop")
     try:
-        Tunnel(Router(endpoint_port=1), tun, tx, services=[service]).run()
+        default_wire(Router(endpoint_port=1), tun, tx, services=[service]).run()
     finally:
         for sock in monitor:
             sock.close()

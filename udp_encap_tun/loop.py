@@ -1,0 +1,447 @@
+"""The loop: an epoll over the tun, the UDP side, the netlink monitor
+(addresses and links), a signal wake-up pipe and the services, with a timer
+about once a second.
+
+It dispatches and carries out; it decides nothing about packets and reads
+no header byte.  Decisions are the Router's
+(core.Router, tiumode.TiuRouter); reading, writing, cutting and coalescing
+packets are the edges' (tun.Packets / tun.OffloadPackets for the tun,
+conn.Datagrams / conn.OffloadDatagrams / tiudev.TiuConn for the UDP side).
+The simple and the offload path are the same loop given other edges."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import signal
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import packet as pk
+from .conn import PENDING_ICMP_ERRORS, Address
+from .errors import LinkFault
+from .faults import Changes, Links, ReadErrors
+from .service import HOUSEKEEPING, Service
+from .store import PoolError
+from .tun import BUFSIZE, Packets, Tun, TunGone
+
+log = logging.getLogger(__name__)
+
+BATCH = 64  # packets read from the tun before looking at the other fds again
+RX_BATCH = 256  # receives per drain of the UDP side when the tun edge coalesces
+RX_AREA = 4 << 20  # the RX buffer then: room for a whole drain
+# After a read shorter than this (an ACK, a small request) the drain of an fd goes
+# on only if a zero-timeout epoll says more is queued (see Pending).  After a
+# longer one (bulk: super-packets, GRO buffers) it just reads on.
+SMALL = 512
+KEEPALIVE = ((b"", 0),)  # an empty datagram
+
+
+class Pending:
+    """Whether an fd has something queued, without reading it: a zero-timeout
+    epoll_wait on an epoll that watches only that fd.  That costs about a
+    third of a read that fails with EAGAIN, whose exception Python builds with
+    a decoded strerror message; a one-packet wake-up (request/response) would
+    pay for such a read on every hop."""
+
+    def __init__(self, fd: int):
+        self._epoll = select.epoll()
+        self._epoll.register(fd, select.EPOLLIN)
+        self._poll = self._epoll.poll
+
+    def __call__(self) -> bool:
+        return bool(self._poll(0))
+
+    def close(self) -> None:
+        self._epoll.close()
+
+
+class Loop:
+    """*router* decides; *packets* is the tun edge, *conn* the UDP edge;
+    *links* (faults.Links) follows the tun and the bound interface (None: not)."""
+
+    def __init__(self, router: Any, tun: Tun, packets: Packets, conn: Any,
+                 clock: Callable[[], float] = time.monotonic, services: Iterable[Service] = (),
+                 links: Links | None = None):
+        self.router = router
+        self.counters = router.counters
+        self.tun = tun
+        self.packets = packets
+        self.conn = conn
+        self.sock = getattr(conn, "sock", None)  # the UDP socket (default wire)
+        # what the status document reads (service.TunnelView)
+        self.tun_header_len = packets.header_len
+        self.gso, self.gro = conn.gso, conn.gro
+        if hasattr(conn, "describe_flows"):  # tcp-in-udp: its flows
+            self.describe_flows = conn.describe_flows
+            self.device = conn.device
+        self.links = links
+        self.clock = clock
+        self.services = list(services)
+        self.failure: str | None = None  # why the loop ended, if it must end the daemon
+        self.poller: select.epoll | None = None
+        self.callbacks: dict[int, Callable[[], None]] = {}
+        self.tun_errors, self.udp_errors = ReadErrors(), ReadErrors()
+        self.tun_pending = Pending(packets.fd)
+        self.udp_pending = Pending(conn.fd) if getattr(conn, "fd", None) is not None else None
+        self.running = False
+        # set by the signal handler (Python runs it in this thread, between bytecodes);
+        # the wake-up pipe only wakes the loop, its bytes are not relied on
+        self.stop_signal: int | None = None
+        self.log_requested = False
+        conn.failed = self._send_failed
+        conn.too_long = self._shrunk if links is not None else None
+        self.set_max_segment((links and links.max_segment) or BUFSIZE)
+        # RX buffer: datagrams land at rx_start, with room for the tun's headers
+        # in front (the tun header part stays zero: no offload flags)
+        self.rx_start = packets.header_len + pk.IPV4_HEADER_LEN
+        self.rx_batch = RX_BATCH if packets.coalesces else BATCH
+        self.rxbuf = bytearray(self.rx_start + (RX_AREA if packets.coalesces else BUFSIZE))
+        self.rxview = memoryview(self.rxbuf)
+        if packets.coalesces:
+            self.data_path = f"offload ({packets.describe()}; {conn.describe()})"
+        else:
+            self.data_path = "simple (one packet per system call)"
+
+    def set_max_segment(self, size: int) -> None:
+        """The largest wire segment the bound link carries: both edges cut to it."""
+        self.max_segment = self.packets.max_segment = self.conn.max_segment = size
+
+    # -- running -------------------------------------------------------------
+    def run(self) -> None:
+        # A bare epoll and a dict of callbacks: selectors costs a few microseconds
+        # per wake-up, which one-packet wake-ups (request/response) feel.
+        poller = self.poller = select.epoll()
+        callbacks = self.callbacks
+        rpipe, wpipe = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        old_wakeup = signal.set_wakeup_fd(wpipe, warn_on_full_buffer=False)
+        handlers = {s: signal.signal(s, self.on_signal_handler)
+                    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)}
+        monitor = self.tun.start_monitor()
+        self._address_changed()
+        if self.links is not None:  # what changed before the monitor listened
+            self.apply_links(self.links.resync(self.tun.link_snapshot(self._link_names())))
+        watched = [(self.packets.fd, self.on_tun), *self.conn.watch(self),
+                   (monitor.fileno(), self.on_netlink), (rpipe, lambda: self.on_signal(rpipe))]
+        for service in self.services:
+            watched.extend(service.watch(self))
+        for fd, callback in watched:
+            poller.register(fd, select.EPOLLIN)
+            callbacks[fd] = callback
+        # a stop requested (signal) or a fault found during the start-up above holds
+        self.running = self.stop_signal is None and self.failure is None
+        clock, poll, router = self.clock, poller.poll, self.router
+        udp_fd, epollerr = getattr(self.conn, "fd", -1), select.EPOLLERR
+        next_housekeeping = clock() + HOUSEKEEPING
+        log.info("ready: %s mode, tun %s, %s", "client" if router.client else "server",
+                 self.tun.name, self.conn.describe_udp())
+        for service in self.services:
+            service.ready(self)
+        now = clock()
+        try:
+            while self.running:  # the SIGTERM/SIGINT handler clears it
+                timeout = next_housekeeping - now
+                for fd, events in poll(timeout if timeout > 0 else 0):
+                    try:
+                        callbacks[fd]()
+                        if events & epollerr and fd == udp_fd:
+                            self.on_udp_error()
+                    except TunGone as exc:
+                        self.fail(str(exc))
+                    except Exception:  # a bug must not take the tunnel down
+                        self.counters["internal_error"] += 1
+                        log.exception("internal error (tunnel keeps running)")
+                now = clock()
+                if now >= next_housekeeping:
+                    self.housekeeping(now)
+                    next_housekeeping = now + HOUSEKEEPING
+                if router.outbox:
+                    self.flush_outbox()
+            if self.stop_signal is not None:
+                log.info("%s: stopping", signal.Signals(self.stop_signal).name)
+        finally:
+            for service in self.services:
+                service.close(self)
+            poller.close()
+            self.tun_pending.close()
+            if self.udp_pending is not None:
+                self.udp_pending.close()
+            signal.set_wakeup_fd(old_wakeup)
+            for s, h in handlers.items():
+                signal.signal(s, h)
+            os.close(rpipe)
+            os.close(wpipe)
+        if self.failure is not None:
+            raise LinkFault(self.failure)
+
+    def fail(self, message: str) -> None:
+        """End the loop; the daemon exits non-zero with *message*."""
+        if self.failure is None:
+            self.failure = message
+        self.running = False
+
+    def watch(self, fd: int, callback: Callable[[], None]) -> None:
+        """Watch one more fd from now on (the loop is running)."""
+        if self.poller is not None:
+            self.poller.register(fd, select.EPOLLIN)
+        self.callbacks[fd] = callback
+
+    def unwatch(self, fd: int) -> None:
+        if self.poller is not None:
+            self.poller.unregister(fd)
+        del self.callbacks[fd]
+
+    def housekeeping(self, now: float) -> None:
+        if self.log_requested:  # the wake-up byte may have been lost (a full pipe)
+            self.on_signal_flags()
+        store = getattr(self.router, "store", None)
+        if store is not None:
+            store.expire(now)  # counts peers_expired itself
+        self.router.tick(now)
+        self.conn.tick(now)
+        for errors, fd in ((self.tun_errors, self.packets.fd),
+                           (self.udp_errors, getattr(self.conn, "fd", None))):
+            if fd is not None and errors.tick() and self.poller is not None:
+                self.poller.register(fd, select.EPOLLIN)
+        for service in self.services:
+            service.tick(self, now)
+
+    def flush_outbox(self) -> None:
+        """Send what the Router queued: control messages, released data, keepalives."""
+        router, send = self.router, self.conn.send
+        outbox, router.outbox = router.outbox, []
+        for dest, batches in outbox:
+            if batches is None:
+                if send(KEEPALIVE, dest)[0]:
+                    self.counters["tx_keepalives"] += 1
+            else:
+                router.sent_data(None, *send(batches, dest))
+
+    # -- TX: tun -> UDP --------------------------------------------------------
+    def on_tun(self) -> None:
+        """Packets from the tun become UDP datagrams."""
+        packets, router, conn = self.packets, self.router, self.conn
+        read, packet, segments, send = packets.read, packets.packet, packets.segments, conn.send
+        tx, holds, sent_data, pending = router.tx, router.holds, router.sent_data, self.tun_pending
+        now = self.clock()
+        for _ in range(BATCH):
+            try:
+                n = read()
+            except BlockingIOError:
+                return
+            except OSError as exc:  # TunGone goes up to the loop
+                self.counters["tx_read_error"] += 1
+                log.debug("tun read: %s", exc)
+                self._read_failed(self.tun_errors, packets.fd, "tun " + self.tun.name)
+                return
+            more = n >= SMALL or pending()
+            item = packet(n)
+            if item is not None:
+                pkt, gso_size = item
+                route = tx(pkt, now)
+                if route is not None:
+                    dest, entry = route
+                    batches = segments(pkt, gso_size)
+                    if batches is not None and not (holds and router.held(dest, batches, now)):
+                        sent_data(entry, *send(batches, dest))
+            if not more:
+                return
+
+    def _send_failed(self, exc: OSError, dest: Address, size: int) -> None:
+        if self.router.send_failed(dest, exc.errno, size, self.clock()) == "send_error":
+            log.debug("sendto %s:%d: %s", *dest, exc)
+
+    def _shrunk(self, size: int) -> bool:
+        """After EMSGSIZE: read the pending link events; True if the largest
+        wire segment that fits is now below *size*."""
+        self.on_netlink()
+        if self.max_segment >= size:
+            return False
+        self.counters["tx_resegmented"] += 1
+        return True
+
+    # -- RX: UDP -> tun --------------------------------------------------------
+    def on_udp(self) -> None:
+        """Datagrams become IPv4 packets written to the tun: one at a time, in
+        place, on the simple path or when it is a lone small one; otherwise a
+        whole drain, each run of one peer's segments written coalesced."""
+        view, router, conn = self.rxview, self.router, self.conn
+        recv, split, rx_segment = conn.recv, conn.split, router.rx_segment
+        pending, coalesces = self.udp_pending, self.packets.coalesces
+        now = self.clock()
+        groups: list[tuple[Address, list[memoryview]]] = []
+        off = start = self.rx_start
+        limit = len(view) - BUFSIZE
+        more = True
+        for _ in range(self.rx_batch):
+            if off > limit or not more:
+                break
+            try:
+                n, peer, seg_size = recv(view[off:off + BUFSIZE])
+            except BlockingIOError:
+                break
+            except OSError as exc:  # e.g. ICMP errors queued on the socket
+                if self._udp_read_failed(exc):
+                    break
+                continue
+            more = n >= SMALL or pending()
+            if not seg_size and (not coalesces or (not more and off == start)):
+                self.deliver(n, peer, now)  # nothing to coalesce (request/response)
+                continue
+            good = [seg for seg in split(view[off:off + n], n, seg_size)
+                    if rx_segment(seg, peer, now)]
+            off += n
+            if not good:
+                continue
+            if groups and groups[-1][0] == peer:
+                groups[-1][1].extend(good)
+            else:
+                groups.append((peer, good))
+        write = self.packets.write_segments
+        for peer, segments in groups:
+            addrs = router.rx_addresses(peer, now, len(segments))
+            if addrs is not None:
+                src, dst, entry = addrs
+                router.received(entry, *write(segments, src, dst, router.next_ident))
+
+    def deliver(self, n: int, peer: Address, now: float) -> None:
+        """A datagram of *n* bytes at ``rxbuf[rx_start:]`` (the tun's headers fit
+        in front of it) goes to the tun on its own, its TCP checksum computed here."""
+        router, start = self.router, self.rx_start
+        if not router.rx_segment(self.rxview[start:start + n], peer, now):
+            return
+        addrs = router.rx_addresses(peer, now)
+        if addrs is None:
+            return
+        src, dst, entry = addrs
+        pk.build_rx_packet(self.rxbuf, n, router.next_ident(), src, dst,
+                           start - pk.IPV4_HEADER_LEN)
+        if self.packets.write(self.rxview[:start + n]):
+            router.received(entry, 1, n)
+
+    def on_udp_error(self) -> None:
+        """The socket's error queue holds ICMP errors (client: IP_RECVERR)."""
+        now = self.clock()
+        for dest, err, info, offender in self.conn.icmp_errors():
+            self.router.icmp_error(dest, err, info, offender, now)
+
+    def _read_failed(self, errors: ReadErrors, fd: int, what: str) -> bool:
+        """A read of *fd* failed (already counted): one that keeps failing is
+        taken out of the epoll set until the next tick instead of spinning.
+        True if it was."""
+        if not errors.failed():
+            return False
+        if self.poller is not None:
+            self.poller.unregister(fd)
+        self.router.count_rarely_logged("read_paused", "%s: reads keep failing: not read "
+                                        "until the next second", what, now=self.clock())
+        return True
+
+    def _udp_read_failed(self, exc: OSError) -> bool:
+        """A read of the UDP socket failed (counted here); True if the socket is
+        paused.  An error that an ICMP message left pending (client, IP_RECVERR)
+        fails one read and is gone: however many come, they never pause the
+        socket (forged ICMP errors, a few hundred a second, would stall RX)."""
+        self.counters["rx_recv_error"] += 1
+        log.debug("UDP read: %s", exc)
+        if exc.errno in PENDING_ICMP_ERRORS:
+            return False
+        return self._read_failed(self.udp_errors, self.conn.fd, "UDP socket")
+
+    # -- signals ---------------------------------------------------------------
+    def on_signal_handler(self, signum: int, _frame: object) -> None:
+        """The Python-level handler: only flags (a storm of one signal can
+        neither lose another nor hold up the loop)."""
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            if self.stop_signal is None:
+                self.stop_signal = signum
+            self.running = False
+        else:  # SIGUSR1, SIGHUP: log the counters (once, however many came)
+            self.log_requested = True
+
+    def on_signal(self, rpipe: int) -> None:
+        """The wake-up pipe is readable: empty it, then act on the flags."""
+        try:
+            while len(os.read(rpipe, 4096)) == 4096:
+                pass
+        except BlockingIOError:
+            pass
+        self.on_signal_flags()
+
+    def on_signal_flags(self) -> None:
+        if self.log_requested:
+            self.log_requested = False
+            self.log_counters()
+
+    def log_counters(self) -> None:
+        log.info("counters %s", json.dumps(self.counters.snapshot(), sort_keys=True))
+
+    # -- the tun's address and the links -----------------------------------------
+    def _address_changed(self) -> None:
+        try:
+            self.router.set_tun_address(self.tun.address, self.tun.network)
+        except PoolError as exc:
+            self.router.store = None
+            log.error("%s: new peers are refused until the tun address or pool is fixed", exc)
+
+    def _link_names(self) -> tuple[str, ...]:
+        return (self.links.bind_name,) if self.links is not None else ()
+
+    def on_netlink(self) -> None:
+        address, events = self.tun.drain_monitor(self._link_names())
+        if address:
+            self._address_changed()
+        if self.links is not None:
+            if events is None:  # some were lost: look the links up
+                changes = self.links.resync(self.tun.link_snapshot(self._link_names()))
+            else:
+                changes = self.links.update(events)
+            if changes:
+                self.apply_links(changes)
+
+    def apply_links(self, ch: Changes) -> None:
+        """Carry out what faults.Links decided about link events."""
+        links = self.links
+        assert links is not None
+        if ch.tun_gone:
+            self.fail(f"tun {self.tun.name} was deleted: exiting")
+            return
+        if ch.rebind is not None:
+            self.conn.rebind(links)
+        elif ch.bind_gone:
+            log.warning("bound interface %s is gone: datagrams are dropped (tx_drop_no_interface) "
+                        "until an interface of that name is back", links.bind_name)
+        if ch.set_tun_mtu is not None:
+            old = links.tun_mtu
+            try:
+                self.tun.set_mtu(ch.set_tun_mtu)
+                links.tun_mtu_set(ch.set_tun_mtu)
+            except Exception as exc:  # NetlinkError
+                log.warning("cannot set MTU %d on %s: %s", ch.set_tun_mtu, self.tun.name, exc)
+            else:
+                log.info("bound interface %s MTU %d: tun %s MTU %d (was %d)%s", links.bind_name,
+                         links.bind_mtu, self.tun.name, links.tun_mtu, old,
+                         f", MSS clamp {links.mss}" if links.clamp else "")
+        if ch.set_tun_mtu is not None or ch.mss_changed:
+            self.router.mss = links.mss
+        if ch.bind_mtu_changed:
+            self.set_max_segment(links.max_segment or BUFSIZE)
+
+
+def default_wire(router: Any, tun: Tun, sock: Any, offload: bool = False, gso: bool = False,
+                 gro: bool = False, **kwargs: Any) -> Loop:
+    """The loop of the default wire format (a bare TCP segment per datagram) on
+    *tun* and the UDP socket *sock*: the simple path's edges, or the offload
+    path's (*offload*: the tun has TSO/checksum offload; *gso*, *gro*: the
+    kernel's UDP segmentation offloads)."""
+    from .conn import Datagrams, OffloadDatagrams
+    from .tun import OffloadPackets
+
+    if offload:
+        return Loop(router, tun, OffloadPackets(tun, router.counters),
+                    OffloadDatagrams(sock, router.client, gso, gro), **kwargs)
+    return Loop(router, tun, Packets(tun, router.counters), Datagrams(sock, router.client),
+                **kwargs)
