@@ -76,11 +76,15 @@ def test_classify_functions_return_table_reasons(data):
                                 ("rx", tiu.classify_payload)):
         reason = classify(data)
         assert reason is None or reason in drops.reasons(direction), (classify, reason)
+    for first in (b"", b"\x60"):  # IPv6 as well, where it is carried
+        reason = packet.classify_tx(first + data, ipv6=True)
+        assert reason is None or reason in drops.reasons("tx"), reason
 
 
 def test_classify_reasons_are_reached():
     """The property above is no empty check: junk gets reasons."""
     assert packet.classify_tx(b"\x60" + bytes(39)) == packet.TX_NOT_IPV4
+    assert packet.classify_tx(b"\x60" + bytes(39), ipv6=True) == packet.TX_IPV6_EXTENSION_HEADER
     assert packet.classify_rx(b"") == packet.RX_TOO_SHORT
     urgent = bytearray(20)
     urgent[0], urgent[tiu.WIRE_FLAGS] = 0x50, 0x20

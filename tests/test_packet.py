@@ -164,3 +164,127 @@ def test_family_helpers_read_the_offsets_of_either_family():
     v6 = bytes([0x60, 0, 0, 0]) + len(seg).to_bytes(2, "big") + bytes([6, 64]) + src6 + dst6 + seg
     assert (pk.header_len(v6), pk.packet_length(v6)) == (40, 40 + len(seg))
     assert (pk.source(v6), pk.destination(v6)) == (src6, dst6)
+
+
+# --------------------------------------------------------------------------- IPv6
+
+SRC6 = bytes.fromhex("fd000000000000000000000000000002")
+DST6 = bytes.fromhex("fd000000000000000000000000000001")
+
+
+def ipv6(segment, **quirks):
+    return bytes(testkit.ip_packet(segment, SRC6, DST6, **quirks))
+
+
+def test_testkit_builds_ipv6_by_the_rfc():
+    seg = testkit.tcp_segment(b"xyz", src=SRC6, dst=DST6)
+    packet = ipv6(seg, flow=0x12345, tos=0xAB, ttl=7)
+    assert packet[:8] == bytes.fromhex("6ab12345") + len(seg).to_bytes(2, "big") + bytes([6, 7])
+    assert packet[8:24] == SRC6 and packet[24:40] == DST6 and packet[40:] == seg
+    # RFC 8200 8.1: addresses, 32-bit upper-layer length, 3 zero bytes, next header
+    assert testkit.pseudo_header(SRC6, DST6, 6, 0x10203) == SRC6 + DST6 + bytes.fromhex(
+        "0001020300000006")
+    assert reference_checksum(testkit.pseudo_header(SRC6, DST6, 6, len(seg)) + seg) == 0
+
+
+def test_classify_tx_accepts_ipv6_tcp_only_when_asked():
+    packet = ipv6(tcp_segment())
+    assert pk.classify_tx(packet, ipv6=True) is None
+    assert pk.classify_tx(packet) == pk.TX_NOT_IPV4  # IPv4-only callers: as before IPv6
+    assert pk.classify_tx(packet + b"junk", ipv6=True) is None  # trailing bytes, as for IPv4
+    assert pk.packet_length(packet + b"junk") == len(packet)
+    options = tcp_segment(b"", options=b"\x01" * 40, doff=15)
+    assert pk.classify_tx(ipv6(options), ipv6=True) is None
+
+
+EXTENSIONS = [0, 43, 60, 51, 135, 139, 140, 253, 254]
+
+
+@pytest.mark.parametrize("packet,reason", [
+    (b"\x60", pk.TX_TRUNCATED),
+    (ipv6(tcp_segment())[:39], pk.TX_TRUNCATED),
+    (ipv6(tcp_segment(), total=200), pk.TX_TRUNCATED),  # payload length past the buffer
+    (ipv6(tcp_segment()[:10]), pk.TX_TRUNCATED),
+    (ipv6(b"", proto=6), pk.TX_TRUNCATED),
+    (ipv6(tcp_segment(), proto=44), pk.TX_FRAGMENT),
+    (ipv6(tcp_segment(), proto=58), pk.TX_NOT_TCP),  # ICMPv6
+    (ipv6(tcp_segment(), proto=17), pk.TX_NOT_TCP),
+    (ipv6(b"", proto=59), pk.TX_NOT_TCP),  # no next header
+    (ipv6(tcp_segment(doff=4)), pk.TX_BAD_TCP_HEADER),
+    (ipv6(tcp_segment(payload=b"", doff=6)), pk.TX_BAD_TCP_HEADER),
+    (ipv6(tcp_segment(), version=5), pk.TX_NOT_IPV4),
+    (ipv6(tcp_segment(), version=7), pk.TX_NOT_IPV4),
+    *[(ipv6(tcp_segment(), proto=nh, options=bytes([6, 0]) + bytes(6)),
+       pk.TX_IPV6_EXTENSION_HEADER) for nh in EXTENSIONS],
+])
+def test_classify_tx6_drops(packet, reason):
+    assert pk.classify_tx(packet, ipv6=True) == reason
+
+
+@pytest.mark.parametrize("packet", [
+    ipv4(tcp_segment()), ipv4(tcp_segment(), options=bytes(4)), ipv4(tcp_segment(), proto=17),
+    ipv4(tcp_segment(), total=200), ipv4(tcp_segment(doff=4)), b"\x45" * 10, b"",
+])
+def test_classify_tx_ipv4_is_the_same_with_ipv6_on(packet):
+    assert pk.classify_tx(packet, ipv6=True) == pk.classify_tx(packet)
+
+
+@given(st.binary(max_size=120))
+def test_classify_tx6_never_raises(data):
+    for first in (b"", b"\x60"):
+        reason = pk.classify_tx(first + data, ipv6=True)
+        if reason is None:  # accepted: the segment is where the helpers say
+            packet = first + data
+            seg = packet[pk.header_len(packet):pk.packet_length(packet)]
+            assert pk.classify_rx(seg) is None or len(seg) > pk.MAX_UDP_PAYLOAD
+
+
+def test_build_rx_packet_makes_valid_ipv6_and_tcp():
+    seg = tcp_segment(b"payload!" * 100 + b"odd")
+    buf = bytearray(40) + seg
+    pk.build_rx_packet(buf, len(seg), 0x1234, SRC6, DST6)  # dispatches on the address length
+    first, plen, nh, hops, s, d = struct.unpack("!IHBB16s16s", buf[:40])
+    assert (first >> 28, first >> 20 & 0xFF, plen, nh, hops, s, d) == (
+        6, 0, len(seg), 6, 64, SRC6, DST6)
+    assert 0 < first & 0xFFFFF == pk.flow_label(SRC6, DST6, seg[:4])
+    assert pk.tcp_checksum_ok(bytes(buf))
+    assert pk.classify_tx(bytes(buf), ipv6=True) is None  # what we write, a TX would accept
+    assert bytes(buf[40:56]) == seg[:16] and bytes(buf[58:]) == seg[18:]
+    again = bytearray(40) + seg
+    pk.build_rx_packet6(again, len(seg), SRC6, DST6)
+    assert again == buf
+
+
+@given(st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16),
+       st.binary(max_size=1500), st.integers(0, 12), st.integers(0, 0xFFFF))
+def test_build_rx_packet6_checksum_verifies_by_the_reference(src, dst, payload, offset, port):
+    seg = testkit.tcp_segment(payload, sport=port, checksum=0x4321)
+    buf = bytearray(offset + 40) + seg
+    pk.build_rx_packet6(buf, len(seg), src, dst, offset)
+    packet = bytes(buf[offset:])
+    assert reference_checksum(testkit.pseudo_header(src, dst, 6, len(seg)) + packet[40:]) == 0
+    assert pk.tcp_checksum_ok(packet)
+    assert packet[0] >> 4 == 6 and 0 < pk.flow_label(src, dst, seg) <= 0xFFFFF
+    assert int.from_bytes(packet[1:4], "big") & 0xFFFFF == pk.flow_label(src, dst, seg)
+
+
+def test_flow_label_is_per_flow():
+    seg = testkit.tcp_segment(sport=1000, dport=2000)
+    label = pk.flow_label(SRC6, DST6, seg)
+    assert label == pk.flow_label(SRC6, DST6, bytes(seg[:4]) + b"other")  # only the ports count
+    others = {pk.flow_label(SRC6, DST6, testkit.tcp_segment(sport=p, dport=2000))
+              for p in range(1001, 1065)} | {pk.flow_label(DST6, SRC6, seg)}
+    assert label not in others and len(others) > 60  # 20 bits: collisions are rare
+
+
+def test_tcp_checksum_ok_detects_a_bad_ipv6_checksum():
+    seg = testkit.tcp_segment(b"data", src=SRC6, dst=DST6)
+    assert pk.tcp_checksum_ok(ipv6(seg))
+    assert not pk.tcp_checksum_ok(ipv6(seg[:-1] + b"e"))
+    v4seg = testkit.tcp_segment(b"data", src=SRC6[:4], dst=DST6[:4])  # same sum, other family
+    assert not pk.tcp_checksum_ok(ipv6(v4seg))
+
+
+def test_mss_and_header_length_per_family():
+    assert pk.mss_for_mtu(1400) == 1360 and pk.mss_for_mtu(1400, ipv6=True) == 1340
+    assert pk.address_header_len(SRC6) == 40 and pk.address_header_len(SRC6[:4]) == 20

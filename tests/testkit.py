@@ -4,8 +4,8 @@ clock.  Used by tests/ and, through netns-tests/conftest.py, by netns-tests/.
 
 Every header field is a parameter, so a test can build a deliberately wrong
 packet (a bad data offset, IHL, total length or checksum) as easily as a good
-one.  Addresses are bytes; their length gives the family (only IPv4 is built
-so far: a 16-byte address is where IPv6 goes).
+one.  Addresses are bytes; their length gives the family: 4 bytes IPv4,
+16 bytes IPv6.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import struct
 
 TCP_HEADER = struct.Struct("!HHIIBBHHH")
 IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
+IPV6_HEADER = struct.Struct("!IHBB16s16s")
 IPPROTO_TCP = 6
 DF = 0x4000
 
@@ -34,13 +35,16 @@ def internet_checksum(data: bytes, initial: int = 0) -> int:
 def _family(src: bytes, dst: bytes) -> int:
     if len(src) == len(dst) == 4:
         return 4
-    raise NotImplementedError(f"addresses of {len(src)} and {len(dst)} bytes: only IPv4 "
-                              "(4 bytes) is built so far")
+    if len(src) == len(dst) == 16:
+        return 6
+    raise ValueError(f"addresses of {len(src)} and {len(dst)} bytes: IPv4 takes 4, IPv6 16")
 
 
 def pseudo_header(src: bytes, dst: bytes, proto: int, length: int) -> bytes:
-    """The pseudo-header a TCP or UDP checksum covers."""
-    _family(src, dst)
+    """The pseudo-header a TCP or UDP checksum covers (RFC 793 for IPv4,
+    RFC 8200 section 8.1 for IPv6: a 32-bit length, 3 zero bytes, next header)."""
+    if _family(src, dst) == 6:
+        return bytes(src) + bytes(dst) + struct.pack("!I3xB", length, proto)
     return bytes(src) + bytes(dst) + struct.pack("!BBH", 0, proto, length)
 
 
@@ -69,15 +73,27 @@ def tcp_segment(payload: bytes = b"", *, sport: int = 40000, dport: int = 7000, 
 def ip_packet(payload: bytes, src: bytes, dst: bytes, *, proto: int = IPPROTO_TCP,
               ident: int = 1, frag: int = DF, ttl: int = 64, tos: int = 0,
               options: bytes = b"", ihl: int | None = None, total: int | None = None,
-              version: int = 4, checksum: int | None = None) -> bytearray:
+              version: int | None = None, checksum: int | None = None,
+              flow: int = 0) -> bytearray:
     """An IP packet carrying *payload* (a TCP segment unless *proto* says
     otherwise) from *src* to *dst*; the family follows from the addresses.
 
     IPv4: *frag* holds the flags and fragment offset (default DF), *ihl* and
     *total* default to what *options* and *payload* make, *checksum* to the
     valid header checksum (give 0 where the kernel fills it in, IP_HDRINCL).
+
+    IPv6: *proto* is the next header, *ttl* the hop limit, *tos* the traffic
+    class, *flow* the flow label; *options* are extension headers put between
+    the fixed header and *payload* (as given: *proto* names the first one);
+    *total* is the packet length the header claims (payload length + 40),
+    by default the real one.  *ident*, *frag*, *ihl* and *checksum* do not exist.
     """
-    _family(src, dst)
+    if _family(src, dst) == 6:
+        total = 40 + len(options) + len(payload) if total is None else total
+        first = ((6 if version is None else version) << 28) | (tos & 0xFF) << 20 | flow
+        return bytearray(IPV6_HEADER.pack(first, total - 40, proto, ttl, bytes(src), bytes(dst))
+                         + bytes(options) + bytes(payload))
+    version = 4 if version is None else version
     ihl = 5 + len(options) // 4 if ihl is None else ihl
     total = 20 + len(options) + len(payload) if total is None else total
     fields = [(version << 4) | ihl, tos, total, ident & 0xFFFF, frag, ttl, proto, 0,

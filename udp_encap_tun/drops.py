@@ -41,10 +41,12 @@ def _rx(reason: str, meaning: str, tiu_only: bool = False) -> Drop:
 
 DROPS: tuple[Drop, ...] = (
     # TX: read from the tun, not sent
-    _tx("not_ipv4", "not IPv4 (IPv6, garbage)"),
+    _tx("not_ipv4", "neither IPv4 nor IPv6 where IPv6 is carried (IPv6 elsewhere, garbage)"),
     _tx("ip_options", "IPv4 header longer than 20 bytes"),
-    _tx("fragment", "an IPv4 fragment"),
-    _tx("not_tcp", "UDP, ICMP, ..."),
+    _tx("ipv6_extension_header", "IPv6 with an extension header (hop-by-hop, routing, "
+        "destination options, ...) before TCP"),
+    _tx("fragment", "an IPv4 fragment, or IPv6 with a fragment header"),
+    _tx("not_tcp", "UDP, ICMP, ICMPv6, ..."),
     _tx("truncated", "shorter than its headers say"),
     _tx("bad_tcp_header", "TCP data offset < 5 or past the end"),
     _tx("unknown_peer", "server: no live peer holds the destination address"),

@@ -1,4 +1,4 @@
-"""Pure IPv4/TCP packet logic: classification, header synthesis, checksums.
+"""Pure IPv4/IPv6 TCP packet logic: classification, header synthesis, checksums.
 
 No I/O here. Everything works on bytes-like objects and preallocated buffers so
 that the TX/RX paths (and the offload code) can share it.
@@ -13,6 +13,7 @@ the modulo run in C.
 from __future__ import annotations
 
 import struct
+import zlib
 
 IPV4_HEADER_LEN = 20
 TCP_HEADER_MIN = 20
@@ -30,6 +31,7 @@ TX_TRUNCATED = "truncated"
 TX_FRAGMENT = "fragment"
 TX_NOT_TCP = "not_tcp"
 TX_BAD_TCP_HEADER = "bad_tcp_header"
+TX_IPV6_EXTENSION_HEADER = "ipv6_extension_header"
 
 # RX drop reasons (a datagram that cannot be a TCP segment)
 RX_TOO_SHORT = "too_short"
@@ -89,12 +91,18 @@ def address_sums(src: bytes, dst: bytes) -> tuple[int, int]:
     return sums
 
 
-def classify_tx(packet) -> str | None:
-    """Return None if *packet* (an IPv4 packet read from the tun) can go on the
+def classify_tx(packet, ipv6: bool = False) -> str | None:
+    """Return None if *packet* (an IP packet read from the tun) can go on the
     wire, otherwise the reason it is dropped.  On success the TCP segment is
-    ``packet[20:total_length(packet)]``."""
+    ``packet[header_len(packet):packet_length(packet)]``.
+
+    IPv6 packets are classified only with *ipv6* (the caller carries IPv6);
+    without it every non-IPv4 packet is ``not_ipv4``, as before IPv6 existed.
+    The IPv4 checks cost the same either way."""
     n = len(packet)
     if n < IPV4_HEADER_LEN or packet[0] >> 4 != 4:
+        if ipv6 and n and packet[0] >> 4 == 6:
+            return _classify_tx6(packet, n)
         return TX_NOT_IPV4
     if packet[0] != 0x45:
         return TX_IP_OPTIONS if packet[0] & 0x0F > 5 else TX_NOT_IPV4
@@ -109,6 +117,30 @@ def classify_tx(packet) -> str | None:
         return TX_TRUNCATED
     doff = (packet[IPV4_HEADER_LEN + 12] >> 4) * 4
     if doff < TCP_HEADER_MIN or doff > total - IPV4_HEADER_LEN:
+        return TX_BAD_TCP_HEADER
+    return None
+
+
+def _classify_tx6(packet: bytes | bytearray | memoryview, n: int) -> str | None:
+    """classify_tx for a packet whose version is 6: TCP right after the fixed
+    header (no extension headers), lengths consistent with the buffer (which
+    may be longer, as for IPv4's total length)."""
+    if n < IPV6_HEADER_LEN:
+        return TX_TRUNCATED
+    payload = (packet[4] << 8) | packet[5]
+    if IPV6_HEADER_LEN + payload > n:
+        return TX_TRUNCATED
+    next_header = packet[6]
+    if next_header != IPPROTO_TCP:
+        if next_header == IPV6_FRAGMENT_HEADER:
+            return TX_FRAGMENT
+        if next_header in IPV6_EXTENSION_HEADERS:
+            return TX_IPV6_EXTENSION_HEADER
+        return TX_NOT_TCP
+    if payload < TCP_HEADER_MIN:
+        return TX_TRUNCATED
+    doff = (packet[IPV6_HEADER_LEN + 12] >> 4) * 4
+    if doff < TCP_HEADER_MIN or doff > payload:
         return TX_BAD_TCP_HEADER
     return None
 
@@ -150,18 +182,26 @@ def fill_tcp_checksum(buf, offset: int, length: int, src: bytes, dst: bytes) -> 
     buf[offset + 17] = csum & 0xFF
 
 
-def tcp_checksum_ok(packet) -> bool:
-    """True if the TCP checksum of an IPv4 packet (20-byte header) verifies."""
-    total = total_length(packet)
-    seg = memoryview(packet)[IPV4_HEADER_LEN:total]
-    return ones_sum(seg, pseudo_header_sum(bytes(packet[12:16]), bytes(packet[16:20]), len(seg))) == 0xFFFF
+def tcp_checksum_ok(packet: bytes | bytearray | memoryview) -> bool:
+    """True if the TCP checksum of an IPv4 packet (20-byte header) or an IPv6
+    packet (40-byte header, TCP next) verifies."""
+    hlen = header_len(packet)
+    seg = memoryview(packet)[hlen:packet_length(packet)]
+    pseudo = pseudo_header_sum(source(packet), destination(packet), len(seg))
+    return ones_sum(seg, pseudo) == 0xFFFF
 
 
 def build_rx_packet(buf: bytearray, seg_len: int, ident: int, src: bytes, dst: bytes,
                     offset: int = 0) -> None:
-    """Turn ``buf[offset+20:offset+20+seg_len]`` (a received TCP segment) into a
-    full IPv4 packet ``buf[offset:offset+20+seg_len]``: header synthesized, TCP
-    checksum made valid for (src, dst)."""
+    """Turn a received TCP segment into a full IP packet of the addresses'
+    family, header at *offset*.  IPv4 (4-byte addresses): the segment is
+    ``buf[offset+20:offset+20+seg_len]``, the header gets *ident* as its ID.
+    IPv6 (16-byte addresses): the segment is at ``offset+40``
+    (:func:`build_rx_packet6`; *ident* is not used).  Either way the TCP
+    checksum is made valid for (src, dst)."""
+    if len(src) == 16:
+        build_rx_packet6(buf, seg_len, src, dst, offset)
+        return
     fill_tcp_checksum(buf, offset + IPV4_HEADER_LEN, seg_len, src, dst)
     write_ipv4_header(buf, offset, IPV4_HEADER_LEN + seg_len, ident, src, dst)
 
@@ -203,6 +243,14 @@ def clamp_mss(segment, mss_max: int) -> bool:
 # to 32 bits, which leaves a ones' sum of values below 65536 unchanged).
 
 IPV6_HEADER_LEN = 40
+IPV6_FRAGMENT_HEADER = 44
+# next header values that are IPv6 extension headers (RFC 7045's list, fragment aside):
+# hop-by-hop, routing, destination options, AH, mobility, HIP, shim6, experiments
+IPV6_EXTENSION_HEADERS = frozenset({0, 43, 60, 51, 135, 139, 140, 253, 254})
+IPV6_HOP_LIMIT = 64
+
+_IP6_HDR = struct.Struct("!IHBB16s16s")  # version/class/flow, payload length, next, hop limit
+_flow_seeds: dict[tuple[bytes, bytes], int] = {}
 
 
 def header_len(packet: bytes | bytearray | memoryview) -> int:
@@ -227,3 +275,46 @@ def source(packet: bytes | bytearray | memoryview) -> bytes:
 def destination(packet: bytes | bytearray | memoryview) -> bytes:
     """The destination address (4 or 16 bytes)."""
     return bytes(packet[16:20]) if packet[0] >> 4 == 4 else bytes(packet[24:40])
+
+
+def address_header_len(address: bytes) -> int:
+    """The IP header a packet to or from *address* gets here: 20 bytes for a
+    4-byte (IPv4) address, 40 for a 16-byte (IPv6) one."""
+    return IPV6_HEADER_LEN if len(address) == 16 else IPV4_HEADER_LEN
+
+
+def mss_for_mtu(mtu: int, ipv6: bool = False) -> int:
+    """The largest MSS that fits a tun MTU: MTU - 40 (IPv4 + TCP headers) or
+    MTU - 60 (IPv6 + TCP), the value for clamp_mss."""
+    return mtu - (IPV6_HEADER_LEN if ipv6 else IPV4_HEADER_LEN) - TCP_HEADER_MIN
+
+
+def flow_label(src: bytes, dst: bytes, ports: bytes | bytearray | memoryview) -> int:
+    """A 20-bit, non-zero IPv6 flow label, the same for every packet of one flow
+    (*ports*: the TCP header's first 4 bytes): a CRC-32 of the addresses
+    (cached per pair) continued over the ports."""
+    seed = _flow_seeds.get((src, dst))
+    if seed is None:
+        if len(_flow_seeds) >= 256:
+            _flow_seeds.clear()
+        seed = _flow_seeds[(src, dst)] = zlib.crc32(bytes(src) + bytes(dst))
+    return (zlib.crc32(ports[:4], seed) & 0xFFFFF) or 1
+
+
+def write_ipv6_header(buf: bytearray | memoryview, offset: int, payload_len: int, src: bytes,
+                      dst: bytes, label: int) -> None:
+    """Write a 40-byte IPv6 header for a TCP packet: traffic class 0, flow
+    *label*, hop limit 64, TCP right after (no extension headers)."""
+    _IP6_HDR.pack_into(buf, offset, 0x60000000 | label, payload_len, IPPROTO_TCP,
+                       IPV6_HOP_LIMIT, src, dst)
+
+
+def build_rx_packet6(buf: bytearray | memoryview, seg_len: int, src: bytes, dst: bytes,
+                     offset: int = 0) -> None:
+    """Turn ``buf[offset+40:offset+40+seg_len]`` (a received TCP segment) into
+    a full IPv6 packet ``buf[offset:offset+40+seg_len]``: header synthesized
+    (flow label from the addresses and ports), TCP checksum made valid over the
+    IPv6 pseudo-header."""
+    start = offset + IPV6_HEADER_LEN
+    fill_tcp_checksum(buf, start, seg_len, src, dst)
+    write_ipv6_header(buf, offset, seg_len, src, dst, flow_label(src, dst, buf[start:start + 4]))
