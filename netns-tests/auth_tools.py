@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+from testkit import ip_packet, tcp_segment
 from udp_encap_tun import auth
 from uetlab import Lab, Namespace, Pair
 
@@ -229,9 +230,8 @@ def ipv4_udp(src: bytes, sport: int, dst: bytes, dport: int, payload: bytes) -> 
     """IPv4 + UDP headers and *payload*, for a raw IP_HDRINCL socket.  The kernel
     fills in the IPv4 checksum (and total length); the UDP checksum is 0 (none)."""
     udp_len = 8 + len(payload)
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + udp_len, 0, 0x4000, 64, socket.IPPROTO_UDP, 0,
-                     src, dst)
-    return ip + struct.pack("!HHHH", sport, dport, udp_len, 0) + payload
+    udp = struct.pack("!HHHH", sport, dport, udp_len, 0) + payload
+    return bytes(ip_packet(udp, src, dst, proto=socket.IPPROTO_UDP, ident=0, checksum=0))
 
 
 def flood_payloads(rng: random.Random, count: int, window: bytes, real_cookie: bytes):
@@ -259,9 +259,9 @@ def flood_payloads(rng: random.Random, count: int, window: bytes, real_cookie: b
 
 def tcp_looking(rng: random.Random) -> bytes:
     """A datagram that passes the tool's TCP check: an ACK segment with a few bytes."""
-    return struct.pack("!HHIIBBHHH", rng.randrange(1024, 65536), rng.randrange(1, 65536),
-                       rng.getrandbits(32), rng.getrandbits(32), 5 << 4, 0x10, 65535, 0, 0) \
-        + rng.randbytes(rng.randrange(0, 64))
+    return tcp_segment(sport=rng.randrange(1024, 65536), dport=rng.randrange(1, 65536),
+                       seq=rng.getrandbits(32), ack=rng.getrandbits(32), window=65535,
+                       payload=rng.randbytes(rng.randrange(0, 64)))  # drawn in this order
 
 
 def send_spoofed(sock: socket.socket, dst: str, dport: int, payloads, rng: random.Random,

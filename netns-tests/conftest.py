@@ -9,9 +9,16 @@ parametrized over the two data paths, ``offload`` (default CLI) and
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 
 from uetlab import DATAPATHS, Lab, Pair, remove_registered, require_root
+
+# the packet builders the unit tests use too (tests/testkit.py); appended, so
+# that no module here is shadowed by one of tests/
+sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def pytest_configure(config):

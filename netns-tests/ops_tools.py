@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from testkit import tcp_segment
 from uetlab import REPO, Namespace, clean_env, wait_for
 
 UNPRIVILEGED_UID = UNPRIVILEGED_GID = 65534  # nobody / nogroup
@@ -346,7 +347,7 @@ def drain_nonblocking(sock: socket.socket) -> int:
 
 def tcp_ack_segment(sport: int = 40000, dport: int = 7999) -> bytes:
     """A bare 20-byte TCP ACK header: what a peer's first datagram can look like."""
-    return struct.pack("!HHIIBBHHH", sport, dport, 1, 1, 5 << 4, 0x10, 65535, 0, 0)
+    return tcp_segment(sport=sport, dport=dport, seq=1, ack=1, window=65535)
 
 
 def wait_counter(tool, key: str, minimum: int = 1, timeout: float = 30) -> dict:

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from auth_tools import write_psk
+from testkit import internet_checksum, ip_packet
 from uetlab import Pair, wait_for
 from wirecap import GSO_UDP_L4, Frame, UdpCapture
 
@@ -269,14 +270,12 @@ def test_path_mtu_below_the_tun_is_named_and_fixed_by_mtu(lab):
 def icmp_port_unreachable(src: str, dst: str, sport: int, dport: int) -> bytes:
     """An ICMP "port unreachable" (type 3, code 3) about a UDP datagram from
     *src*:*sport* to *dst*:*dport*, for a raw ICMP socket."""
-    quoted = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28 + 32, 0, 0x4000, 64, socket.IPPROTO_UDP, 0,
-                         socket.inet_aton(src), socket.inet_aton(dst)) \
-        + struct.pack("!HHHH", sport, dport, 8 + 32, 0)
+    # the quoted datagram's headers only: its lengths still count 32 payload bytes
+    quoted = ip_packet(struct.pack("!HHHH", sport, dport, 8 + 32, 0), socket.inet_aton(src),
+                       socket.inet_aton(dst), proto=socket.IPPROTO_UDP, ident=0, checksum=0,
+                       total=28 + 32)
     body = struct.pack("!BBHI", 3, 3, 0, 0) + quoted
-    total = sum(struct.unpack(f"!{len(body) // 2}H", body))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return body[:2] + struct.pack("!H", ~total & 0xFFFF) + body[4:]
+    return body[:2] + struct.pack("!H", internet_checksum(body)) + body[4:]
 
 
 def test_spoofed_icmp_errors_do_not_pause_the_client(tunnel: Pair):

@@ -9,6 +9,7 @@ import time
 
 from auth_tools import ipv4_udp, tool_pid, vm_rss_kib
 from ops_tools import udp_rcvbuf_errors
+from testkit import ip_packet, tcp_segment
 from udp_encap_tun import auth, packet
 from uetlab import Pair, counter_delta, wait_for
 
@@ -19,7 +20,8 @@ IP_MTU_DISCOVER, IP_PMTUDISC_DONT = 10, 0  # linux/in.h (not in the socket modul
 
 def tcp_header(doff_words: int = 5, flags: int = 0x10, sport: int = 1234, dport: int = 4321) -> bytes:
     """A 20-byte TCP header (data offset field set to *doff_words*)."""
-    return struct.pack("!HHIIBBHHH", sport, dport, 1, 1, doff_words << 4, flags, 65535, 0, 0)
+    return tcp_segment(sport=sport, dport=dport, seq=1, ack=1, flags=flags, window=65535,
+                       doff=doff_words)
 
 
 def rx_accounted(counters: dict) -> int:
@@ -99,11 +101,10 @@ def test_malformed_and_oversized_datagrams(tunnel: Pair):
     assert tunnel.client.stop().get("internal_error", 0) == 0
 
 
-def _ipv4_header(total_len: int, dst: str, proto: int = socket.IPPROTO_TCP, ihl: int = 5,
-                 frag: int = 0x4000) -> bytes:
-    # source 0.0.0.0 and checksum 0: the kernel fills them in (IP_HDRINCL)
-    return struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total_len, 0, frag, 64, proto, 0,
-                       bytes(4), socket.inet_aton(dst))
+def _raw_ipv4(payload: bytes, dst: str, **quirks) -> bytes:
+    # source 0.0.0.0, ID 0 and checksum 0: the kernel fills them in (IP_HDRINCL)
+    return bytes(ip_packet(payload, bytes(4), socket.inet_aton(dst), ident=0, checksum=0,
+                           **quirks))
 
 
 def test_tx_drops_of_non_tcp_traffic(tunnel: Pair):
@@ -139,13 +140,13 @@ def test_tx_drops_of_non_tcp_traffic(tunnel: Pair):
         seg = tcp_header(flags=0x02)
         crafted = {
             # options: IHL 6 with four NOPs
-            "ip_options": _ipv4_header(44, dst, ihl=6) + b"\x01\x01\x01\x01" + seg,
+            "ip_options": _raw_ipv4(seg, dst, options=b"\x01\x01\x01\x01"),
             # more-fragments set
-            "fragment": _ipv4_header(40, dst, frag=0x2000) + seg,
+            "fragment": _raw_ipv4(seg, dst, frag=0x2000),
             # TCP data offset 4 (< 20 bytes)
-            "bad_tcp_header": _ipv4_header(40, dst) + tcp_header(doff_words=4),
+            "bad_tcp_header": _raw_ipv4(tcp_header(doff_words=4), dst),
             # only 10 bytes of TCP header
-            "truncated": _ipv4_header(30, dst) + seg[:10],
+            "truncated": _raw_ipv4(seg[:10], dst),
         }
         for reason, packet in crafted.items():
             raw.sendto(packet, (dst, 0))
