@@ -4,7 +4,9 @@ The tun device is opened with ``IFF_VNET_HDR`` and ``TUNSETOFFLOAD(TUN_F_CSUM |
 TUN_F_TSO4)``, so every read/write carries a 10-byte ``virtio_net_hdr`` in
 front of the IPv4 packet, and the UDP socket uses ``UDP_SEGMENT`` (send) and
 ``UDP_GRO`` (receive).  The wire format does not change: one UDP datagram holds
-exactly one TCP segment (TCP header + payload, no IP header).
+exactly one TCP segment (TCP header + payload, no IP header).  IPv6 (a 40-byte
+header, gso_type TCPV6) works the same way: a wire segment is a bare TCP
+segment whatever the family.
 
 * TX: :func:`tso_split` cuts a TCP super-packet read from the tun into batches
   of wire segments, each batch one ``sendmsg`` with ``UDP_SEGMENT``.
@@ -31,11 +33,15 @@ from .packet import (
     CWR,
     FIN,
     IPV4_HEADER_LEN,
+    IPV6_HEADER_LEN,
     MAX_UDP_PAYLOAD,
     PSH,
     address_sums,
+    build_rx_packet6,
+    flow_label,
     fold,
     write_ipv4_header,
+    write_ipv6_header,
 )
 from .tiu import UDP_HEADER_LEN, decode_payload, encode_payload, wire_header
 
@@ -44,7 +50,7 @@ VNET_HDR_LEN = 10
 assert VNET_HDR.size == VNET_HDR_LEN
 
 NEEDS_CSUM, DATA_VALID = 1, 2
-GSO_NONE, GSO_TCPV4, GSO_ECN = 0, 1, 0x80
+GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_ECN = 0, 1, 4, 0x80
 UDP_MAX_SEGMENTS = 64
 
 MAX_IP_PACKET = 0xFFFF
@@ -65,6 +71,8 @@ _LAST_MASK = ~CWR & 0xFF
 # Room for the vnet header + IPv4 header, written in place after the join.
 _PREFIX = bytes(VNET_HDR_LEN + IPV4_HEADER_LEN)
 _TCP_OFF = VNET_HDR_LEN + IPV4_HEADER_LEN  # offset of the TCP header in a tun buffer
+_PREFIX6 = bytes(VNET_HDR_LEN + IPV6_HEADER_LEN)  # the same for IPv6
+_TCP_OFF6 = VNET_HDR_LEN + IPV6_HEADER_LEN
 _ACK_BYTE = bytes([ACK])
 _ACK_PSH_BYTE = bytes([ACK | PSH])
 
@@ -90,8 +98,10 @@ def tso_split(packet, gso_size: int, max_segments: int = UDP_MAX_SEGMENTS,
               max_bytes: int = MAX_UDP_PAYLOAD, tiu: bool = False) -> list[tuple[object, int]]:
     """Cut a TCP super-packet into ``UDP_SEGMENT`` batches.
 
-    *packet* is an IPv4 packet (20-byte header, TCP, already validated) as read
-    from the tun after the vnet header.  Returns ``[(buffer, segment_size),
+    *packet* is an IPv4 packet (20-byte header) or an IPv6 packet (40-byte
+    header, TCP next), TCP, already validated, as read from the tun after the
+    vnet header (gso_type TCPV4 or TCPV6).  The pieces do not depend on the
+    family: a wire segment is a bare TCP segment.  Returns ``[(buffer, segment_size),
     ...]``: each buffer is the concatenation of wire segments (TCP header +
     payload piece) for one ``sendmsg`` with ``UDP_SEGMENT=segment_size``;
     every segment but the last of a batch is exactly ``segment_size`` bytes,
@@ -105,11 +115,18 @@ def tso_split(packet, gso_size: int, max_segments: int = UDP_MAX_SEGMENTS,
     header words moved, 8 bytes shorter; the sequence number stays at bytes 4-7).
     """
     mv = packet if type(packet) is memoryview else memoryview(packet)
-    total = (mv[2] << 8) | mv[3]
-    if total == 0 or total > len(mv):  # defensive; validated packets never hit this
-        total = len(mv)
-    tcp = mv[IPV4_HEADER_LEN:total]
-    tcp_len = total - IPV4_HEADER_LEN
+    if mv[0] >> 4 == 6:
+        hlen = IPV6_HEADER_LEN
+        total = hlen + ((mv[4] << 8) | mv[5])
+        if total == hlen or total > len(mv):  # defensive, as below
+            total = len(mv)
+    else:
+        hlen = IPV4_HEADER_LEN
+        total = (mv[2] << 8) | mv[3]
+        if total == 0 or total > len(mv):  # defensive; validated packets never hit this
+            total = len(mv)
+    tcp = mv[hlen:total]
+    tcp_len = total - hlen
     doff = (tcp[12] >> 4) << 2
     plen = tcp_len - doff
     if gso_size <= 0 or plen <= gso_size:
@@ -221,12 +238,14 @@ class _Run:
     __slots__ = ("segs", "doff", "gso", "plen", "max_plen", "next_seq", "mid", "mid_psh",
                  "tail", "unpack", "push")
 
-    def __init__(self, seg, doff, plen, seq):
+    def __init__(self, seg, doff, plen, seq, ip_hlen=IPV4_HEADER_LEN):
         self.segs = [seg]  # whole segments; the payloads are sliced out when building
         self.doff = doff
         self.gso = plen
         self.plen = plen
-        self.max_plen = MAX_IP_PACKET - IPV4_HEADER_LEN - doff
+        # IPv6 too: at most 65535 bytes of IP packet (the payload length field
+        # would allow 40 more, the stack's 64 KiB GSO limit would not)
+        self.max_plen = MAX_IP_PACKET - ip_hlen - doff
         self.next_seq = (seq + plen) & _SEQ_MASK
         self.unpack = _run_struct(doff).unpack_from
         # bytes 8..15 (ack, data offset, flags, window) as the fast path reads
@@ -240,11 +259,12 @@ class _Run:
 
 
 def wire_size(buf) -> tuple[int, int]:
-    """(segments, bytes) on the wire of a tun buffer that coalesce made."""
+    """(segments, bytes) on the wire of a tun buffer that coalesce made (either family)."""
     _, gso_type, hdr_len, gso_size, _, _ = VNET_HDR.unpack_from(buf, 0)
     payload = len(buf) - VNET_HDR_LEN - hdr_len
     count = -(-payload // gso_size) if gso_type != GSO_NONE and gso_size else 1
-    return count, payload + count * (hdr_len - IPV4_HEADER_LEN)
+    ip_hlen = IPV6_HEADER_LEN if buf[VNET_HDR_LEN] >> 4 == 6 else IPV4_HEADER_LEN
+    return count, payload + count * (hdr_len - ip_hlen)
 
 
 def _single(seg, doff, base, src, dst, ident) -> bytearray:
@@ -257,9 +277,20 @@ def _single(seg, doff, base, src, dst, ident) -> bytearray:
     return out
 
 
+def _single6(seg: bytes | bytearray | memoryview, doff: int, base: int, src: bytes, dst: bytes,
+             ident: int) -> bytearray:
+    """_single for IPv6 (*base*, *ident* unused): the packet written complete,
+    full TCP checksum, no offload asked of the kernel."""
+    out = bytearray().join((_PREFIX6, seg))
+    _pack_vnet_into(out, 0, 0, GSO_NONE, IPV6_HEADER_LEN + doff, 0, 0, 0)
+    build_rx_packet6(out, len(seg), src, dst, VNET_HDR_LEN)
+    return out
+
+
 def coalesce(segments, src: bytes, dst: bytes, next_ident) -> list:
     """Turn received TCP segments (all from one UDP peer, validated, in
-    arrival order) into tun write buffers (vnet header + IPv4 + TCP).
+    arrival order) into tun write buffers (vnet header + IPv4 + TCP, or
+    IPv6 + TCP when *src* and *dst* are 16-byte addresses).
 
     Consecutive in-order data segments of one flow (same ports, identical
     header apart from seq/check/PSH, only ACK set, equal payload sizes with a
@@ -269,10 +300,20 @@ def coalesce(segments, src: bytes, dst: bytes, next_ident) -> list:
     TCP check field holds the pseudo-header sum, so the kernel finishes the
     checksum.  Segments of different flows may be interleaved; the order
     within a flow is kept, and outputs are ordered by their first segment.
+
+    IPv6: super-packets are gso_type TCPV6 (40-byte header, flow label per
+    flow, csum_start 40, the IPv6 pseudo-header sum in the check field), at
+    most 65535 IP bytes too; a segment written alone gets its full checksum
+    (flags 0: nothing left to the kernel).  *next_ident* is called for IPv4
+    packets only.
     """
+    v6 = len(src) == 16
     if len(segments) == 1:  # the common case at low rates: nothing to merge
         seg = segments[0]
+        if v6:
+            return [_single6(seg, (seg[12] >> 4) << 2, 0, src, dst, 0)]
         return [_single(seg, (seg[12] >> 4) << 2, address_sums(src, dst)[1], src, dst, next_ident())]
+    ip_hlen = IPV6_HEADER_LEN if v6 else IPV4_HEADER_LEN
     items: list = []  # _Run for data runs, (segment, doff) for singles
     open_runs: dict = {}  # ports -> _Run that may still grow
 
@@ -329,7 +370,7 @@ def coalesce(segments, src: bytes, dst: bytes, next_ident) -> list:
             if flags & PSH:  # PSH ends a run: this one has nothing to merge with
                 items.append((seg, doff))
                 continue
-            run = _Run(seg, doff, plen, seq)
+            run = _Run(seg, doff, plen, seq, ip_hlen)
             items.append(run)
             open_runs[ports] = cur = run
         c_full = cur.doff + cur.gso
@@ -348,25 +389,34 @@ def coalesce(segments, src: bytes, dst: bytes, next_ident) -> list:
     base = address_sums(src, dst)[1]
     out = []
     append = out.append
+    single, prefix, tcp_off = (_single6, _PREFIX6, _TCP_OFF6) if v6 else (_single, _PREFIX,
+                                                                           _TCP_OFF)
     for item in items:
         if type(item) is tuple:
-            append(_single(item[0], item[1], base, src, dst, next_ident()))
+            append(single(item[0], item[1], base, src, dst, 0 if v6 else next_ident()))
             continue
         segs = item.segs
         doff = item.doff
         if len(segs) == 1:
-            append(_single(segs[0], doff, base, src, dst, next_ident()))
+            append(single(segs[0], doff, base, src, dst, 0 if v6 else next_ident()))
             continue
-        buf = bytearray().join([_PREFIX, segs[0],
+        buf = bytearray().join([prefix, segs[0],
                                 *map(getitem, map(memoryview, islice(segs, 1, None)),
                                      repeat(slice(doff, None)))])
         tcp_len = doff + item.plen
-        _pack_vnet_into(buf, 0, NEEDS_CSUM, GSO_TCPV4, IPV4_HEADER_LEN + doff, item.gso,
-                        IPV4_HEADER_LEN, TCP_CSUM_OFFSET)
-        write_ipv4_header(buf, VNET_HDR_LEN, IPV4_HEADER_LEN + tcp_len, next_ident(), src, dst)
+        if v6:
+            _pack_vnet_into(buf, 0, NEEDS_CSUM, GSO_TCPV6, IPV6_HEADER_LEN + doff, item.gso,
+                            IPV6_HEADER_LEN, TCP_CSUM_OFFSET)
+            write_ipv6_header(buf, VNET_HDR_LEN, tcp_len, src, dst,
+                              flow_label(src, dst, segs[0]))
+        else:
+            _pack_vnet_into(buf, 0, NEEDS_CSUM, GSO_TCPV4, IPV4_HEADER_LEN + doff, item.gso,
+                            IPV4_HEADER_LEN, TCP_CSUM_OFFSET)
+            write_ipv4_header(buf, VNET_HDR_LEN, IPV4_HEADER_LEN + tcp_len, next_ident(), src,
+                              dst)
         if item.push:
-            buf[_TCP_OFF + 13] |= PSH
-        _pack_u16_into(buf, _TCP_OFF + TCP_CSUM_OFFSET, fold(base + tcp_len))
+            buf[tcp_off + 13] |= PSH
+        _pack_u16_into(buf, tcp_off + TCP_CSUM_OFFSET, fold(base + tcp_len))
         append(buf)
     return out
 
