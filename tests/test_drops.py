@@ -27,7 +27,7 @@ def constants() -> set[tuple[str, str]]:
         for name, value in vars(module).items():
             if isinstance(value, str) and name.isupper() and name[:3] in ("TX_", "RX_"):
                 found.add((name[:2].lower(), value))
-    found |= {("rx", store.FULL_POOL), ("rx", store.FULL_STORE)}
+    found |= {("rx", store.FULL_POOL), ("rx", store.FULL_STORE), ("rx", store.NO_POOL)}
     return found
 
 

@@ -8,7 +8,15 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from testkit import FakeClock
 from udp_encap_tun.core import Router
-from udp_encap_tun.store import FULL_POOL, FULL_STORE, AddressPool, PeerStore, PoolError
+from udp_encap_tun.store import (
+    FULL_POOL,
+    FULL_STORE,
+    NO_POOL,
+    AddressPool,
+    Entry,
+    PeerStore,
+    PoolError,
+)
 
 # clocks the store must not care about: a machine booted a second ago, one up for 30 years
 EPOCHS = [0.0, 0.5, 1000.0, 1e9]
@@ -345,3 +353,125 @@ class StoreMachine(RuleBasedStateMachine):
 
 TestStoreMachine = StoreMachine.TestCase
 TestStoreMachine.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
+
+
+# --------------------------------------------------------------------------- IPv6
+
+
+def ip6(addr: bytes) -> str:
+    return str(ipaddress.IPv6Address(addr))
+
+
+TUN6 = "fd00:9::1"
+
+
+def test_ipv6_pool_hands_out_16_byte_addresses_of_the_prefix():
+    pool = AddressPool("fd00:9::/64", reserved=[TUN6], key=b"k", ipv6=True)
+    net = ipaddress.IPv6Network("fd00:9::/64")
+    assert pool.capacity == 2 ** 64 - 2 and pool.address_len == 16  # minus ::0 and the tun's
+    for port in range(300):
+        first = next(pool.candidates(("2001:db8::7", port)))
+        assert len(first) == 16 and ipaddress.IPv6Address(first) in net and first in pool
+        assert ip6(first) not in (TUN6, "fd00:9::")
+    assert bytes(4) not in pool and ipaddress.IPv6Address(TUN6).packed not in pool
+    # the same keyed hash picks the same address again, another key another one
+    again = AddressPool("fd00:9::/64", reserved=[TUN6], key=b"k", ipv6=True)
+    other = AddressPool("fd00:9::/64", reserved=[TUN6], key=b"other", ipv6=True)
+    peers = [("2001:db8::7", p) for p in range(20)]
+    assert [next(pool.candidates(p)) for p in peers] == [next(again.candidates(p)) for p in peers]
+    assert [next(pool.candidates(p)) for p in peers] != [next(other.candidates(p)) for p in peers]
+
+
+def test_ipv6_pool_spreads_over_a_prefix_wider_than_64_bits():
+    pool = AddressPool("fd00::/16", ipv6=True)
+    firsts = [int.from_bytes(next(pool.candidates(("2001:db8::1", p))), "big") for p in range(64)]
+    # 112 bits to choose from: a 64-bit digest would leave the top 48 of them 0
+    assert any(f & ((1 << 112) - 1) >> 64 for f in firsts)
+
+
+def test_ipv6_small_pool_excludes_the_prefix_address_and_reserved():
+    pool = AddressPool("fd00:9::/125", reserved=[TUN6], ipv6=True)
+    got = set()
+    for i in range(200):
+        got.update(ip6(a) for a in pool.candidates(("2001:db8::1", i)))
+    assert got == {f"fd00:9::{n}" for n in range(2, 8)} and pool.capacity == 6
+
+
+@pytest.mark.parametrize("cidr", ["fd00:9::1/128", "fd00:9::/127", "10.0.0.0/24", "nonsense",
+                                  "fd00::/129"])
+def test_ipv6_pool_errors(cidr):
+    with pytest.raises(PoolError, match="IPv6|no room"):
+        AddressPool(cidr, reserved=[TUN6], ipv6=True)
+
+
+def test_ipv6_pool_of_four_with_the_tun_reserved_has_two():
+    assert AddressPool("fd00:9::/126", reserved=[TUN6], ipv6=True).capacity == 2
+    with pytest.raises(PoolError, match="no usable address"):
+        AddressPool("fd00:9::/126", reserved=["fd00:9::1", "fd00:9::2", "fd00:9::3"], ipv6=True)
+
+
+def make_dual_store(pool6="fd00:9::/120", timeout=300.0, max_peers=65536):
+    return PeerStore(AddressPool("10.0.0.0/24", ["10.0.0.1"]), timeout, max_peers,
+                     pool6=AddressPool(pool6, [TUN6], ipv6=True))
+
+
+def test_one_store_gives_each_peer_an_address_of_its_family():
+    store = make_dual_store()
+    v4 = store.admit(("198.51.100.7", 5000), 1000.0)
+    v6 = store.admit(("2001:db8::7", 5000), 1000.0)
+    mapped = store.admit(("::ffff:198.51.100.8", 5000), 1000.0)  # IPv4 on a dual-stack socket
+    scoped = store.admit(("fe80::1%eth0", 5000), 1000.0)
+    assert [len(e.address) for e in (v4, v6, mapped, scoped)] == [4, 16, 4, 16]
+    assert v6.address in store.pool6 and v4.address in store.pool
+    assert store.lookup_address(v6.address, 1000.0) is v6
+    assert store.lookup_address(v4.address, 1000.0) is v4
+    assert store.lookup_peer(("2001:db8::7", 5000), 1000.0) is v6
+    # the caller may say the family (what the socket saw), whatever the host looks like
+    told = store.admit(("198.51.100.9", 1), 1000.0, ipv6=True)
+    assert len(told.address) == 16
+
+
+def test_store_without_a_pool_for_the_family_refuses():
+    v4only, _ = make_store()
+    assert len(v4only.admit(("2001:db8::7", 1), 1000.0).address) == 4  # one pool: as before
+    assert v4only.admit(("2001:db8::7", 2), 1000.0, ipv6=True) == NO_POOL
+    v6only = PeerStore(AddressPool("fd00:9::/64", [TUN6], ipv6=True))
+    assert len(v6only.admit(("2001:db8::7", 1), 1000.0).address) == 16
+    assert v6only.admit(("198.51.100.1", 1), 1000.0, ipv6=False) == NO_POOL
+    with pytest.raises(PoolError):
+        PeerStore(AddressPool("10.0.0.0/24"), pool6=AddressPool("10.0.1.0/24"))
+
+
+def test_ipv6_pool_fills_on_its_own_and_recovers():
+    store = make_dual_store(pool6="fd00:9::/126", timeout=10.0)  # two usable addresses
+    a = store.admit(("2001:db8::1", 1), 1000.0)
+    b = store.admit(("2001:db8::1", 2), 1000.0)
+    assert a.address != b.address
+    assert {a.address, b.address} == {ipaddress.IPv6Address(f"fd00:9::{n}").packed for n in (2, 3)}
+    assert store.admit(("2001:db8::1", 3), 1000.0) == FULL_POOL
+    assert len(store.admit(("198.51.100.1", 3), 1000.0).address) == 4  # IPv4 still has room
+    assert len(store.admit(("2001:db8::1", 3), 1010.0).address) == 16  # the others expired
+    assert store.held == {4: 0, 16: 1} and len(store) == 1
+
+
+def test_ipv6_probing_is_bounded_by_the_live_peers():
+    """A live peer's address is never taken; a newcomer probes past the held
+    ones only (a /64 is never walked)."""
+    pool = AddressPool("fd00:9::/64", [TUN6], ipv6=True)
+    store = PeerStore(pool)
+    peer = ("2001:db8::99", 4242)
+    own = next(pool.candidates(peer))
+    start = int.from_bytes(own, "big")
+    for k in range(3):  # hold own, own+1, own+2 by adopting entries
+        store.adopt(Entry(("2001:db8::2", k), (start + k).to_bytes(16, "big"), 1000.0, 1000.0))
+    got = store.admit(peer, 1000.0)
+    assert int.from_bytes(got.address, "big") == start + 3
+    assert all(store.lookup_address((start + k).to_bytes(16, "big"), 1000.0).peer[1] == k
+               for k in range(3))
+
+
+def test_large_ipv6_pool_is_cheap():
+    store = make_dual_store(pool6="fd00:9::/64")
+    for port in range(2000):
+        assert len(store.admit(("2001:db8::1", port), 1000.0).address) == 16
+    assert len({e.address for e in store.entries()}) == 2000
