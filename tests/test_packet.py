@@ -1,7 +1,7 @@
 import struct
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import testkit
 from testkit import internet_checksum as reference_checksum
@@ -229,6 +229,7 @@ def test_classify_tx_ipv4_is_the_same_with_ipv6_on(packet):
     assert pk.classify_tx(packet, ipv6=True) == pk.classify_tx(packet)
 
 
+@settings(deadline=None)
 @given(st.binary(max_size=120))
 def test_classify_tx6_never_raises(data):
     for first in (b"", b"\x60"):
@@ -255,6 +256,7 @@ def test_build_rx_packet_makes_valid_ipv6_and_tcp():
     assert again == buf
 
 
+@settings(deadline=None)
 @given(st.binary(min_size=16, max_size=16), st.binary(min_size=16, max_size=16),
        st.binary(max_size=1500), st.integers(0, 12), st.integers(0, 0xFFFF))
 def test_build_rx_packet6_checksum_verifies_by_the_reference(src, dst, payload, offset, port):

@@ -61,7 +61,8 @@ def checksum(data, initial: int = 0) -> int:
 
 
 def pseudo_header_sum(src: bytes, dst: bytes, tcp_length: int) -> int:
-    """Folded ones' sum of the IPv4 TCP pseudo-header (not complemented)."""
+    """Folded ones' sum of the TCP pseudo-header (not complemented): IPv4's,
+    or IPv6's for 16-byte addresses (the same sum: see the note at the end)."""
     return fold(address_sums(src, dst)[1] + tcp_length)
 
 
