@@ -237,3 +237,114 @@ def test_quiet_pyroute2(caplog):
         assert caplog.records == []
         child.error("after")
     assert [r.getMessage() for r in caplog.records] == ["after"]
+
+
+# --- IPv6 (#13): addresses, prefixes, pools of both families ------------------------
+
+def test_tun_address_one_of_each_family():
+    args = cli.parse_args(BASE + ["--tun-address", "10.9.0.1/24",
+                                  "--tun-address", "FD00:9:0::1/64"])
+    assert args.tun_address == ["10.9.0.1/24", "fd00:9::1/64"]
+    assert (args.tun_address4, args.tun_address6) == ("10.9.0.1/24", "fd00:9::1/64")
+    args = cli.parse_args(BASE + ["--tun-address", "fd00:9::1"])  # no prefix: a host prefix
+    assert (args.tun_address4, args.tun_address6) == (None, "fd00:9::1/128")
+    args = cli.parse_args(BASE)
+    assert args.tun_address == [] and args.tun_address4 is None and args.tun_address6 is None
+
+
+@pytest.mark.parametrize("values,needles", [
+    (["10.9.0.1/24", "10.9.1.1/24"], ["two IPv4", "10.9.0.1/24", "10.9.1.1/24"]),
+    (["fd00::1/64", "10.9.0.1/24", "fd01::1/64"], ["two IPv6", "fd00::1/64", "fd01::1/64"]),
+])
+def test_two_tun_addresses_of_one_family_refused(capsys, values, needles):
+    argv = list(BASE)
+    for value in values:
+        argv += ["--tun-address", value]
+    line = refused(capsys, argv)
+    assert "--tun-address" in line
+    for needle in needles:
+        assert needle in line
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--tun-address", "10.9.0.1/40"), ("--tun-address", "fd00::1/129"),
+    ("--tun-address", "banana"), ("--tun-address", "ff02::1/128"),
+    ("--tun-address", "fe80::1/64"), ("--tun-address", "::/0"),
+    ("--route", "fd00::1/64"), ("--route", "fd00::/200"), ("--route", "10.1.2.3/8"),
+    ("--route", "x"), ("--address-pool", "fd00::/129"), ("--address-pool", "banana"),
+    ("--listen-address", "fd00::1/64"), ("--listen-address", "10.0.0"),
+])
+def test_bad_ipv6_and_ipv4_values_are_one_line(capsys, option, value):
+    line = refused(capsys, BASE + [option, value])
+    assert option in line and value in line
+
+
+def test_routes_and_pools_of_both_families():
+    args = cli.parse_args(BASE + ["--route", "10.1.0.0/16", "--route", "FD00:77::/48",
+                                  "--address-pool", "10.9.0.0/24",
+                                  "--address-pool", "fd00:9::1/64"])
+    assert args.route == ["10.1.0.0/16", "fd00:77::/48"]
+    assert args.address_pool == ["10.9.0.0/24", "fd00:9::/64"]  # a pool names its subnet
+    assert (args.address_pool4, args.address_pool6) == ("10.9.0.0/24", "fd00:9::/64")
+
+
+def test_two_pools_of_one_family_refused(capsys):
+    line = refused(capsys, BASE + ["--address-pool", "fd00:9::/64", "--address-pool",
+                                   "fd00:8::/64"])
+    assert "--address-pool" in line and "two IPv6" in line
+
+
+def test_ipv6_pool_is_a_server_option(capsys):
+    line = refused(capsys, CLIENT + ["--address-pool", "fd00:9::/64"])
+    assert "--address-pool is a server option" in line
+
+
+@pytest.mark.parametrize("value,expected", [
+    ("::", "::"), ("0.0.0.0", "0.0.0.0"), ("2001:DB8::1", "2001:db8::1"),
+    ("192.0.2.2", "192.0.2.2"),
+])
+def test_listen_address_of_either_family(value, expected):
+    assert cli.parse_args(BASE + ["--listen-address", value]).listen_address == expected
+    assert cli.parse_args(BASE).listen_address is None  # any address of both families
+
+
+def test_ipv6_options_from_config_file_and_environment(tmp_path, monkeypatch):
+    """The README's forms: a list in the config file, a list in the environment, and
+    the command line adding to neither (it wins, as for every option)."""
+    args = cli.parse_args(config(tmp_path, "interface = t1\nlisten-port = 5000\n"
+                                           "bind-to-interface = eth1\n"
+                                           "tun-address = [10.9.0.1/24, fd00:9::1/64]\n"
+                                           "route = [fd00:77::/48]\n"
+                                           "address-pool = [fd00:9::/64]\n"
+                                           "listen-address = ::\n"))
+    assert args.tun_address == ["10.9.0.1/24", "fd00:9::1/64"]
+    assert args.route == ["fd00:77::/48"] and args.address_pool6 == "fd00:9::/64"
+    assert args.listen_address == "::"
+
+    monkeypatch.setenv("UDP_ENCAP_TUN_TUN_ADDRESS", "[10.9.0.2/32, fd00:9::2/128]")
+    monkeypatch.setenv("UDP_ENCAP_TUN_LISTEN_ADDRESS", "2001:db8::1")
+    args = cli.parse_args(BASE)
+    assert (args.tun_address4, args.tun_address6) == ("10.9.0.2/32", "fd00:9::2/128")
+    assert args.listen_address == "2001:db8::1"
+
+
+def test_command_line_tun_addresses_replace_the_config_files(tmp_path):
+    """As for every option, the command line wins: its --tun-address values replace
+    the file's (they are not added to them, so no 'two of a family' from the mix)."""
+    args = cli.parse_args(BASE + config(tmp_path, "tun-address = [10.9.0.1/24, fd00:9::1/64]\n")
+                          + ["--tun-address", "fd00:8::1/64"])
+    assert args.tun_address == ["fd00:8::1/64"] and args.tun_address4 is None
+
+
+@pytest.mark.parametrize("option,value", [
+    ("--tun-address", "fd00:9::2/128"), ("--route", "fd00:77::/48"),
+    ("--listen-address", "::"), ("--listen-address", "2001:db8::1"),
+])
+def test_tcp_in_udp_refuses_ipv6(capsys, option, value):
+    line = refused(capsys, ["--wire", "tcp-in-udp"] + BASE + [option, value])
+    assert option in line and value in line and "IPv4 only" in line
+    # and takes the IPv4 forms as before
+    args = cli.parse_args(["--wire", "tcp-in-udp"] + BASE + [
+        "--tun-address", "10.9.0.2/32", "--route", "192.0.2.0/24",
+        "--listen-address", "0.0.0.0"])
+    assert args.tun_address4 == "10.9.0.2/32" and args.route == ["192.0.2.0/24"]

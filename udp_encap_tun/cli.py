@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 from collections import OrderedDict
+from collections.abc import Callable
 
 import configargparse
 
@@ -151,11 +152,64 @@ NOT_IN_TIU = {
 }
 
 
-def _ipv4(text: str) -> str:
-    return str(ipaddress.IPv4Address(text))
+def _listen_address(text: str) -> str:
+    """--listen-address: one address of either family ('::' all of both, '0.0.0.0' all
+    of IPv4's), normalized."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--listen-address {text!r} is not an IPv4 or IPv6 address") from None
 
 
-_ipv4.__name__ = "IPv4 address"
+def _tun_address(text: str) -> str:
+    """--tun-address: an address with its prefix length (either family; without one,
+    a host prefix), normalized ('fd00:9::2/64')."""
+    try:
+        iface = ipaddress.ip_interface(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--tun-address {text!r} is not an IPv4 or IPv6 address/prefix") from None
+    if iface.ip.is_multicast or iface.ip.is_unspecified:
+        raise argparse.ArgumentTypeError(
+            f"--tun-address {text!r}: a multicast or unspecified address cannot be the tun's")
+    if iface.version == 6 and iface.ip.is_link_local:
+        raise argparse.ArgumentTypeError(
+            f"--tun-address {text!r}: the tunnel uses the tun's global IPv6 address, "
+            "not a link-local one")
+    return str(iface)
+
+
+def _prefix(option: str) -> Callable[[str], str]:
+    """--route, --address-pool: a prefix of either family, normalized; host bits set
+    are refused for routes (the kernel would refuse them too) and allowed for pools
+    (the tun's own address/prefix names its subnet)."""
+    def parse(text: str) -> str:
+        try:
+            return str(ipaddress.ip_network(text, strict=option == "--route"))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(
+                f"{option} {text!r} is not an IPv4 or IPv6 prefix: {exc}") from None
+    return parse
+
+
+def _family(text: str) -> int:
+    """4 or 6: the family of an address, interface or prefix text."""
+    return 6 if ":" in text else 4
+
+
+def _one_per_family(parser: argparse.ArgumentParser, option: str, values: list[str]
+                    ) -> tuple[str | None, str | None]:
+    """(the IPv4 value, the IPv6 value) of a repeatable option that takes at most one
+    of each family; two of one family is an operator mistake."""
+    by_family: dict[int, str] = {}
+    for value in values:
+        family = _family(value)
+        if family in by_family and by_family[family] != value:
+            parser.error(f"{option} given two IPv{family} values ({by_family[family]}, "
+                         f"{value}): at most one IPv4 and one IPv6")
+        by_family[family] = value
+    return by_family.get(4), by_family.get(6)
 
 
 def _mtu(text: str) -> int:
@@ -213,11 +267,12 @@ def build_parser() -> configargparse.ArgParser:
                         "a client has none)")
     p.add_argument("--bind-to-interface", required=True, type=_interface, metavar="DEV",
                    help="network interface the UDP socket is bound to (SO_BINDTODEVICE)")
-    p.add_argument("--listen-address", default="0.0.0.0", type=_ipv4, metavar="ADDR",
-                   help="local IPv4 address of the UDP socket (default: any); set it on a "
-                        "server with several addresses so replies leave from the one peers use")
+    p.add_argument("--listen-address", type=_listen_address, metavar="ADDR",
+                   help="local address of the UDP socket, IPv4 or IPv6 (default: any address "
+                        "of both families; '::' the same, '0.0.0.0' any IPv4 only); set it on "
+                        "a server with several addresses so replies leave from the one peers use")
     p.add_argument("--endpoint-port", type=_port_spec, action=_Ports, metavar="PORT",
-                   help="client mode: send to each packet's IPv4 destination at this UDP port "
+                   help="client mode: send to each packet's destination at this UDP port "
                         "(tcp-in-udp: the tunnelled TCP ports, repeatable, ranges allowed)")
     p.add_argument("--wire", choices=["udp-encap-tun", "tcp-in-udp"], default="udp-encap-tun",
                    help="wire format: udp-encap-tun (default: the C original's, generated "
@@ -227,9 +282,11 @@ def build_parser() -> configargparse.ArgParser:
                    help=f"tun MTU, {MIN_MTU} to {MAX_MTU} (default: MTU of --bind-to-interface "
                         "minus 8, following it when it changes; an explicit MTU is lowered "
                         "when the link shrinks below it)")
-    p.add_argument("--address-pool", metavar="CIDR",
-                   help="server: generated peer addresses (default: the tun address's subnet, "
-                        "minus network, broadcast and the tun's own address)")
+    p.add_argument("--address-pool", action="append", default=[], type=_prefix("--address-pool"),
+                   metavar="CIDR",
+                   help="server: generated peer addresses, an IPv4 or IPv6 prefix (repeatable: "
+                        "one of each family; default: the subnet of the tun's address of the "
+                        "family, minus its network, broadcast and the tun's own address)")
     p.add_argument("--address-key", default="", metavar="TEXT",
                    help="server: secret that keys the peer-to-address hash (keep it stable so "
                         "peers keep their address across restarts; default: derived from "
@@ -243,10 +300,14 @@ def build_parser() -> configargparse.ArgParser:
                         "the server admits only peers that prove they know it")
     p.add_argument("--admission-rate", type=positive(float), default=100.0, metavar="N",
                    help="server: admit at most N new peers per second (default 100)")
-    p.add_argument("--tun-address", metavar="CIDR",
-                   help="give the tun this IPv4 address/prefix at start (removed on exit)")
-    p.add_argument("--route", action="append", default=[], metavar="CIDR",
-                   help="route this prefix into the tun (repeatable; removed on exit)")
+    p.add_argument("--tun-address", action="append", default=[], type=_tun_address,
+                   metavar="CIDR",
+                   help="give the tun this address/prefix at start (removed on exit); "
+                        "repeatable: one IPv4 and one IPv6")
+    p.add_argument("--route", action="append", default=[], type=_prefix("--route"),
+                   metavar="CIDR",
+                   help="route this prefix, IPv4 or IPv6, into the tun (repeatable; removed "
+                        "on exit)")
     p.add_argument("--keepalive", type=positive(float), metavar="SECONDS",
                    help="client: send an empty datagram to each server this often, to keep "
                         "NAT mappings and the server's entry alive while TCP is idle")
@@ -273,7 +334,16 @@ def parse_args(argv) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
     given = vars(args).pop("given", set())
+    args.tun_address4, args.tun_address6 = _one_per_family(parser, "--tun-address",
+                                                           args.tun_address)
+    args.address_pool4, args.address_pool6 = _one_per_family(parser, "--address-pool",
+                                                             args.address_pool)
     if args.wire == "tcp-in-udp":
+        for option, values in (("--tun-address", args.tun_address), ("--route", args.route),
+                               ("--listen-address", [args.listen_address or ""])):
+            for value in values:
+                if _family(value) == 6:
+                    parser.error(f"{option} {value}: --wire tcp-in-udp is IPv4 only")
         for dest, why in NOT_IN_TIU.items():
             if dest in given:
                 parser.error(f"--{dest.replace('_', '-')} does not exist in --wire tcp-in-udp: "
@@ -355,21 +425,26 @@ def run(args) -> None:
         from . import tiudev
         bind_index, link = link_info(args.bind_to_interface)
         return tiudev.run(args, tun_mtu(args, link), lambda mtu: _services(args), bind_index, link)
-    if args.endpoint_port is None and args.address_pool:
-        AddressPool(args.address_pool)  # validate before touching anything
+    ipv6 = [v for v in (args.tun_address6, args.address_pool6, args.listen_address,
+                        *args.route) if v and v != "::" and ":" in v]
+    if ipv6:  # TEMPORARY (#13): until the dual-stack data path is wired in here
+        raise OperatorError(f"{ipv6[0]}: IPv6 needs the IPv6 data path, not in this version")
+    if args.endpoint_port is None and args.address_pool4:
+        AddressPool(args.address_pool4)  # validate before touching anything
     keys = Keys(load_psk(args.psk_file)) if args.psk_file else None
     bind_index, bind_mtu = link_info(args.bind_to_interface)
     mtu = tun_mtu(args, bind_mtu)
-    sock = open_udp(args.listen_port, args.bind_to_interface, args.listen_address)
+    sock = open_udp(args.listen_port, args.bind_to_interface,
+                    "0.0.0.0" if args.listen_address in (None, "::") else args.listen_address)
     tun = None
     try:
         if args.endpoint_port is not None:
             enable_icmp_errors(sock)  # "port unreachable" from a server names it
-        tun, offload = open_tun(args.interface, mtu, args.tun_address, not args.no_offload)
+        tun, offload = open_tun(args.interface, mtu, args.tun_address4, not args.no_offload)
         for cidr in args.route:
             tun.add_route(cidr)
         address_key = args.address_key.encode() or (keys.address if keys else b"")
-        router = Router(args.endpoint_port, args.address_pool, args.peer_timeout,
+        router = Router(args.endpoint_port, args.address_pool4, args.peer_timeout,
                         args.max_peers, address_key, mss=None if args.no_clamp_mss else mtu - 40,
                         keys=keys, admission_rate=args.admission_rate,
                         keepalive=args.keepalive or None)

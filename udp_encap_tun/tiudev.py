@@ -653,13 +653,14 @@ def run(args, mtu: int | None, services_for, bind_index: int | None = None,
             raise OperatorError("--wire tcp-in-udp as a server needs --listen-port: the "
                                 "tunnelled TCP ports")
         ranges = port_ranges("--listen-port", args.listen_port_all)
-        sockets = open_listen_sockets(ranges, args.bind_to_interface, args.listen_address)
+        sockets = open_listen_sockets(ranges, args.bind_to_interface,
+                                      args.listen_address or "0.0.0.0")
         source = None
     tun = routing = rp = None
     router = TiuRouter(client, ranges, args.peer_timeout, args.max_peers, args.admission_rate)
     tunnel = conn = None
     try:
-        tun, offload = open_tun(args.interface, mtu, args.tun_address, not args.no_offload)
+        tun, offload = open_tun(args.interface, mtu, args.tun_address4, not args.no_offload)
         tun.refresh_address()
         rp = RpFilter(tun)
         routing = PolicyRouting(tun.index)
