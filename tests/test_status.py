@@ -171,7 +171,8 @@ def parse_exposition(text: str) -> dict:
         assert seen_families and seen_families[-1] == name, f"{name} outside its family"
         if typed[name] == "counter":
             assert name.endswith("_total")
-        labels = frozenset(re.findall(r'([a-zA-Z_]+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        labels = frozenset(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"',
+                                      m.group(2) or ""))
         assert (name, labels) not in samples, f"duplicate series {line}"
         samples[(name, labels)] = float(m.group(3))
     assert helped == set(typed)
@@ -540,3 +541,98 @@ def test_peers_past_their_timeout_are_not_shown():
     assert all(p["last_heard"] < t.router.timeout for p in doc["peers"])
     assert doc["counters"]["peers_expired"] == 1
     t.sock.close()
+
+
+# --------------------------------------------------------------------------- IPv6 (#13)
+
+def make_dual_stack_server(peers6: int = 2):
+    """The server of make_tunnel with an IPv6 tun address and IPv6 peers beside the
+    IPv4 one, in one store with an IPv6 pool (as the dual-stack router keeps them)."""
+    from udp_encap_tun.store import AddressPool, PeerStore
+
+    t = make_tunnel(peers=1)
+    t.tun.address6 = ipaddress.IPv6Address("fd00:9::1").packed
+    t.tun.network6 = ipaddress.IPv6Network("fd00:9::/64")
+    now = t.clock()
+    old = t.router.store
+    store = PeerStore(old.pool, 300.0, 1000, t.router.counters,
+                      pool6=AddressPool("fd00:9::/64", reserved=["fd00:9::1"], ipv6=True))
+    for entry in old.entries():
+        store.adopt(entry)
+    for i in range(peers6):
+        entry = store.admit((f"2001:db8::{i + 1:x}", 6000 + i), now - 30)
+        entry.refreshed = now - 1.5
+        entry.rx_bytes, entry.tx_bytes = 1000 + i, 2000 + i
+    t.router.store = store
+    return t
+
+
+def test_server_document_with_ipv6_peers_and_addresses():
+    t = make_dual_stack_server()
+    doc = status.describe(t, t.clock(), 1_700_000_100.0, 1_700_000_000.0)
+    t.sock.close()
+    # the IPv4 fields as they were
+    assert doc["tun_address"] == "10.9.0.1/16" and doc["pool"] == "10.9.0.0/16"
+    assert doc["pool_capacity"] == 65533  # minus network, broadcast, the tun's own
+    # and the IPv6 ones beside them
+    assert doc["tun_address6"] == "fd00:9::1/64"
+    assert doc["pool6"] == "fd00:9::/64" and doc["pool6_capacity"] == (1 << 64) - 2
+    assert doc["peer_count"] == 3 and len(doc["peers"]) == 3
+    v6 = [p for p in doc["peers"] if ":" in p["host"]]
+    assert [p["peer"] for p in v6] == ["[2001:db8::1]:6000", "[2001:db8::2]:6001"]
+    for p in v6:
+        assert ipaddress.IPv6Address(p["address"]) in ipaddress.IPv6Network("fd00:9::/64")
+        assert p["last_heard"] == 1.5 and p["connected"] == 30.0
+    v4 = [p for p in doc["peers"] if ":" not in p["host"]]
+    assert v4[0]["peer"] == f"{v4[0]['host']}:{v4[0]['port']}"
+    json.dumps(doc)
+
+
+def test_ipv4_only_server_has_empty_ipv6_fields(server_doc):
+    assert server_doc["tun_address6"] is None
+    assert server_doc["pool6"] is None and server_doc["pool6_capacity"] is None
+
+
+def test_text_and_prometheus_with_ipv6():
+    t = make_dual_stack_server()
+    doc = status.describe(t, t.clock(), 1_700_000_100.0, 1_700_000_000.0)
+    t.sock.close()
+    text = status.render_text(doc)
+    assert "  tun:         10.9.0.1/16, fd00:9::1/64, MSS clamp 1452" in text.splitlines()
+    assert f"pool 10.9.0.0/16, 65533 addresses; pool fd00:9::/64, {(1 << 64) - 2} addresses" \
+        in text
+    rows = [line for line in text.splitlines() if "[2001:db8::" in line]
+    assert len(rows) == 2 and all("fd00:9::" in row for row in rows)
+    # IPv4 peers first, then IPv6, each in address order
+    peer_rows = [line for line in text.splitlines() if line.startswith(("  198.51.", "  ["))]
+    assert "198.51." in peer_rows[0] and "[2001:db8::1]:6000" in peer_rows[1]
+
+    samples = parse_exposition(status.render_prometheus(doc, per_peer=True))
+    assert value(samples, "udp_encap_tun_peers") == 3
+    assert value(samples, "udp_encap_tun_pool6_addresses") == float((1 << 64) - 2)
+    peer = next(p for p in doc["peers"] if p["host"] == "2001:db8::2")
+    assert value(samples, "udp_encap_tun_peer_tx_bytes_total", peer="[2001:db8::2]:6001",
+                 address=peer["address"]) == 2001
+    info = next(k for k in samples if k[0] == "udp_encap_tun_info")
+    assert ("tun_address6", "fd00:9::1/64") in info[1]
+
+
+def test_ipv6_listen_address_and_servers_in_brackets():
+    """A client over IPv6: its socket and its servers are shown [host]:port."""
+    from udp_encap_tun.core import ServerState
+
+    t = make_tunnel(client=True)
+    now = t.clock()
+    state = ServerState("192.0.2.2")  # (the IPv4 source of this stand-in is not read)
+    state.last_sent, state.last_heard = now - 2, now - 1
+    t.router.servers[("2001:db8::9", 5000)] = state
+    doc = status.describe(t, now, time.time())
+    t.sock.close()
+    server = next(s for s in doc["servers"] if s["host"] == "2001:db8::9")
+    assert server["server"] == "[2001:db8::9]:5000" and server["port"] == 5000
+    doc["listen_address"] = "::"
+    text = status.render_text(doc)
+    assert "UDP socket:  [::]:" in text and "[2001:db8::9]:5000" in text
+    samples = parse_exposition(status.render_prometheus(doc))
+    assert value(samples, "udp_encap_tun_server_last_heard_seconds",
+                 server="[2001:db8::9]:5000") == 1.0

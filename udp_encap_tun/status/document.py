@@ -6,6 +6,7 @@ data path)."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import socket
@@ -16,7 +17,7 @@ from ..service import FlowsTunnelView, RouterView, TunnelView, UdpRouterView
 
 if TYPE_CHECKING:
     from ..faults import Links
-    from ..store import Entry
+    from ..store import AddressPool, Entry
 
 VERSION = 1  # of the document layout
 PEERS_PER_CHUNK = 128  # peers encoded per slice (about 25 kB)
@@ -24,6 +25,18 @@ PEERS_PER_CHUNK = 128  # peers encoded per slice (about 25 kB)
 Document = dict[str, Any]
 
 _ntoa = socket.inet_ntoa
+
+
+def _address_text(address: bytes) -> str:
+    """A tunnel address (4 or 16 bytes) as text."""
+    return socket.inet_ntop(socket.AF_INET6 if len(address) == 16 else socket.AF_INET, address)
+
+
+def endpoint_text(host: str, port: int | None) -> str:
+    """A UDP peer as people write it: 192.0.2.1:5000, [2001:db8::1]:5000."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 
 
 def _bound_device(sock: socket.socket) -> str | None:
@@ -37,7 +50,7 @@ def _bound_device(sock: socket.socket) -> str | None:
 def describe_head(tunnel: TunnelView, now: float, wall: float, started: float | None = None,
                   extra: dict[str, Any] | None = None) -> Document:
     """Everything but the server's peer list (cheap: no per-peer work)."""
-    router, tun, store = tunnel.router, tunnel.tun, tunnel.router.store
+    router, tun = tunnel.router, tunnel.tun
     sock = tunnel.sock
     listen_address: str | None = None
     listen_port: int | None = None
@@ -46,6 +59,10 @@ def describe_head(tunnel: TunnelView, now: float, wall: float, started: float | 
             listen_address, listen_port = sock.getsockname()[:2]
     tun_address = (f"{_ntoa(tun.address)}/{tun.network.prefixlen}"
                    if tun.address and tun.network is not None else None)
+    address6: bytes | None = getattr(tun, "address6", None)
+    network6: ipaddress.IPv6Network | None = getattr(tun, "network6", None)
+    tun_address6 = (f"{_address_text(address6)}/{network6.prefixlen}"
+                    if address6 and network6 is not None else None)
     doc: Document = {
         "program": "udp-encap-tun",
         "version": VERSION,
@@ -58,6 +75,7 @@ def describe_head(tunnel: TunnelView, now: float, wall: float, started: float | 
         "listen_port": listen_port,
         "endpoint_port": getattr(router, "endpoint_port", None),
         "tun_address": tun_address,
+        "tun_address6": tun_address6,
         "mss_clamp": router.mss,
         "data_path": tunnel.data_path,
         "offload": {"tun": bool(getattr(tunnel, "tun_header_len", 0)),
@@ -77,12 +95,17 @@ def describe_head(tunnel: TunnelView, now: float, wall: float, started: float | 
     elif router.client:
         doc["servers"] = client_servers(cast(UdpRouterView, router), now)
     else:
+        store = router.store  # one store holds the peers of both families
+        pools: dict[int, AddressPool | None] = {4: None, 6: None}
         if store is not None:  # what the last sweep (up to a second ago) left: never shown
             store.expire(now)
+            pools.update((pool.network.version, pool) for pool in (store.pool, store.pool6)
+                         if pool is not None)
         doc["peer_timeout"] = router.timeout
         doc["max_peers"] = cast(UdpRouterView, router).max_peers
-        doc["pool"] = str(store.pool.network) if store is not None else None
-        doc["pool_capacity"] = store.pool.capacity if store is not None else None
+        for key, pool in (("pool", pools[4]), ("pool6", pools[6])):
+            doc[key] = str(pool.network) if pool is not None else None
+            doc[key + "_capacity"] = pool.capacity if pool is not None else None
         doc["peer_count"] = len(store) if store is not None else 0
     doc["counters"] = tunnel.counters.snapshot()
     return doc
@@ -102,7 +125,7 @@ def client_servers(router: UdpRouterView, now: float) -> list[dict[str, Any]]:
         last_sent = server.last_sent
         if last_used is not None and (last_sent is None or last_used > last_sent):
             last_sent = last_used
-        servers.append({"server": f"{host}:{port}", "host": host, "port": port,
+        servers.append({"server": endpoint_text(host, port), "host": host, "port": port,
                         "last_sent": _ago(now, last_sent), "last_used": _ago(now, last_used),
                         "last_heard": _ago(now, server.last_heard),
                         "auth": router.auth_state((host, port), now)})
@@ -120,13 +143,14 @@ def peer_entries(tunnel: TunnelView) -> list[Entry]:
     return store.entries()
 
 
-_PEER_JSON = ('{"peer":"%s:%d","host":"%s","port":%d,"address":"%s","last_heard":%.1f,'
+_PEER_JSON = ('{"peer":"%s","host":"%s","port":%d,"address":"%s","last_heard":%.1f,'
               '"connected":%.1f,"rx_packets":%d,"rx_bytes":%d,"tx_packets":%d,"tx_bytes":%d}')
 
 
 def _peer_json(e: Entry, now: float) -> str:
-    host, port = e.peer  # a socket address: an IPv4 literal, nothing to escape
-    return _PEER_JSON % (host, port, host, port, _ntoa(e.address),
+    host, port = e.peer  # a socket address: an IPv4 or IPv6 literal, nothing to escape
+    address = _ntoa(e.address) if len(e.address) == 4 else _address_text(e.address)
+    return _PEER_JSON % (endpoint_text(host, port), host, port, address,
                          max(0.0, now - e.refreshed), max(0.0, now - e.created),
                          e.rx_packets, e.rx_bytes, e.tx_packets, e.tx_bytes)
 

@@ -4,13 +4,13 @@ exporter's textfile collector).  Drop reasons come from drops.py's table."""
 
 from __future__ import annotations
 
-import socket
+import ipaddress
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .. import drops
 from ..units import format_bytes, format_duration
-from .document import Document
+from .document import Document, endpoint_text
 
 
 def split_counters(counters: Mapping[str, int]) -> tuple[dict[str, dict[str, int]],
@@ -37,6 +37,12 @@ def _table(rows: Iterable[Iterable[object]], align: str, indent: str = "  ") -> 
             for row in cells]
 
 
+def _address_key(text: str) -> tuple[int, int]:
+    """Sort key of a generated address: IPv4 first, then IPv6, each in order."""
+    address = ipaddress.ip_address(text)
+    return address.version, int(address)
+
+
 def _ago_text(seconds: float | None) -> str:
     return "never" if seconds is None else format_duration(seconds) + " ago"
 
@@ -47,7 +53,7 @@ def render_text(doc: Document) -> str:
     if doc.get("uptime") is not None:
         head += f", up {format_duration(doc['uptime'])}"
     lines.append(head)
-    udp = f"{doc.get('listen_address') or '0.0.0.0'}:{doc.get('listen_port')}"
+    udp = endpoint_text(doc.get("listen_address") or "0.0.0.0", doc.get("listen_port"))
     bound = ""
     if doc.get("bind_interface"):
         bound = f" on {doc['bind_interface']}"
@@ -62,7 +68,8 @@ def render_text(doc: Document) -> str:
     if doc.get("wire") == "tcp-in-udp":
         facts = [("wire", f"tcp-in-udp, {'to' if doc['mode'] == 'client' else 'on'} ports "
                           f"{doc['ports']}{bound}")]
-    tun = doc.get("tun_address") or "no address"
+    tun = ", ".join(a for a in (doc.get("tun_address"), doc.get("tun_address6")) if a) \
+        or "no address"
     if doc.get("mtu"):
         tun += f", MTU {doc['mtu']}"
     tun += f", MSS clamp {doc['mss_clamp']}" if doc.get("mss_clamp") else ", MSS clamp off"
@@ -73,10 +80,9 @@ def render_text(doc: Document) -> str:
                                f"after {doc['flow_timeout']:g}s without a packet)"))
     elif doc["mode"] == "server":
         peers = doc.get("peers", [])
-        if doc.get("pool"):
-            pool = f"pool {doc['pool']}, {doc['pool_capacity']} addresses"
-        else:
-            pool = "no pool (no tun address): new peers are refused"
+        pools = [f"pool {doc[key]}, {doc[key + '_capacity']} addresses"
+                 for key in ("pool", "pool6") if doc.get(key)]
+        pool = "; ".join(pools) or "no pool (no tun address): new peers are refused"
         facts.append(("peers", f"{len(peers)} (at most {doc.get('max_peers')}; {pool}; "
                                f"forgotten after {doc.get('peer_timeout'):g}s without a datagram)"))
     else:
@@ -88,7 +94,7 @@ def render_text(doc: Document) -> str:
         rows: list[tuple[object, ...]] = [
             ("PEER", "ADDRESS", "LAST HEARD", "CONNECTED", "RX PACKETS", "RX BYTES",
              "TX PACKETS", "TX BYTES")]
-        for p in sorted(doc["peers"], key=lambda p: socket.inet_aton(p["address"])):
+        for p in sorted(doc["peers"], key=lambda p: _address_key(p["address"])):
             rows.append((p["peer"], p["address"], format_duration(p["last_heard"]) + " ago",
                          format_duration(p["connected"]), p["rx_packets"],
                          format_bytes(p["rx_bytes"]), p["tx_packets"], format_bytes(p["tx_bytes"])))
@@ -195,6 +201,7 @@ def render_prometheus(doc: Document, per_peer: bool = False) -> str:
            "listen_port": doc.get("listen_port") or "",
            "endpoint_port": doc.get("endpoint_port") or "",
            "tun_address": doc.get("tun_address") or "",
+           "tun_address6": doc.get("tun_address6") or "",
            "data_path": "offload" if offload.get("tun") else "simple",
            "gso": str(bool(offload.get("gso"))).lower(),
            "gro": str(bool(offload.get("gro"))).lower()}, 1)
@@ -255,6 +262,9 @@ def render_prometheus(doc: Document, per_peer: bool = False) -> str:
         if doc.get("pool_capacity") is not None:
             m.add(p + "pool_addresses", "gauge", "Addresses the pool can hand out.", iface,
                   doc["pool_capacity"])
+        if doc.get("pool6_capacity") is not None:
+            m.add(p + "pool6_addresses", "gauge", "Addresses the IPv6 pool can hand out.",
+                  iface, doc["pool6_capacity"])
         if per_peer:
             for peer in peers:
                 labels = {**iface, "peer": peer["peer"], "address": peer["address"]}
