@@ -9,34 +9,42 @@ import socket
 import struct
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 from . import offload as ol
 from .errors import OperatorError
+from .faults import Links
+
+if TYPE_CHECKING:  # an annotation only: loop.py imports this module
+    from .loop import Loop
 
 Address: TypeAlias = tuple[str, int]
 Buffer: TypeAlias = bytes | bytearray | memoryview
 # wire segments to send: [(buffer, segment size)], every segment of a buffer but
 # its last exactly that size (one datagram each)
 Batches: TypeAlias = Sequence[tuple[Buffer, int]]
-MAX_DATAGRAM = 65536
+# an ICMP error read from the error queue: (destination, errno, info, offender or None)
+IcmpError: TypeAlias = tuple[Address, int, int, str | None]
+MAX_DATAGRAM: Final = 65536
 
 log = logging.getLogger(__name__)
 
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
-SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
-SOCKET_BUFFER = 8 << 20
-IP_MTU_DISCOVER = getattr(socket, "IP_MTU_DISCOVER", 10)  # ip(7); not in every Python build
-IP_PMTUDISC_DO = getattr(socket, "IP_PMTUDISC_DO", 2)
-IP_RECVERR = getattr(socket, "IP_RECVERR", 11)
-SO_EE_ORIGIN_ICMP = 2
-EXTENDED_ERR = struct.Struct("=IBBBBII")  # struct sock_extended_err, then the offender's sockaddr
+SO_RCVBUFFORCE: Final[int] = getattr(socket, "SO_RCVBUFFORCE", 33)
+SO_SNDBUFFORCE: Final[int] = getattr(socket, "SO_SNDBUFFORCE", 32)
+SOCKET_BUFFER: Final = 8 << 20
+# ip(7); not in every Python build
+IP_MTU_DISCOVER: Final[int] = getattr(socket, "IP_MTU_DISCOVER", 10)
+IP_PMTUDISC_DO: Final[int] = getattr(socket, "IP_PMTUDISC_DO", 2)
+IP_RECVERR: Final[int] = getattr(socket, "IP_RECVERR", 11)
+SO_EE_ORIGIN_ICMP: Final = 2
+# struct sock_extended_err, then the offender's sockaddr
+EXTENDED_ERR: Final = struct.Struct("=IBBBBII")
 # errors a send can fail with only because an earlier ICMP error is still pending (IP_RECVERR)
-REPORTED_ERRORS = frozenset((errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
+REPORTED_ERRORS: Final = frozenset((errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH,
                              errno.EHOSTDOWN, errno.EPROTO))
 # errors a read fails with, once each, because of an ICMP error about our datagrams
 # (IP_RECVERR; "fragmentation needed" as EMSGSIZE): the socket itself is fine
-PENDING_ICMP_ERRORS = REPORTED_ERRORS | {errno.EMSGSIZE}
+PENDING_ICMP_ERRORS: Final = REPORTED_ERRORS | {errno.EMSGSIZE}
 
 
 def open_udp(port: int, device: str, address: str = "0.0.0.0",
@@ -75,9 +83,9 @@ def open_udp(port: int, device: str, address: str = "0.0.0.0",
     return sock
 
 
-SOL_UDP = 17
-UDP_SEGMENT = 103
-UDP_GRO = 104
+SOL_UDP: Final = 17
+UDP_SEGMENT: Final = 103
+UDP_GRO: Final = 104
 
 
 def probe_udp_offload(sock: socket.socket) -> tuple[bool, bool]:
@@ -115,7 +123,8 @@ def enable_icmp_errors(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
 
 
-def parse_icmp_error(ancdata):
+def parse_icmp_error(
+        ancdata: list[tuple[int, int, bytes]]) -> tuple[int, int, str | None] | None:
     """(errno, info, offender address or None) of an ICMP error read from the
     error queue, or None (a local error, e.g. EMSGSIZE on send: counted there).
     *info* is the next-hop MTU of "fragmentation needed"."""
@@ -125,7 +134,7 @@ def parse_icmp_error(ancdata):
         err, origin, _type, _code, _pad, info, _data = EXTENDED_ERR.unpack_from(data)
         if origin != SO_EE_ORIGIN_ICMP:
             return None
-        offender = None
+        offender: str | None = None
         if len(data) >= EXTENDED_ERR.size + 8 and \
                 int.from_bytes(data[16:18], "little") == socket.AF_INET:
             offender = socket.inet_ntoa(data[20:24])
@@ -133,10 +142,10 @@ def parse_icmp_error(ancdata):
     return None
 
 
-def read_icmp_errors(sock: socket.socket, limit: int = 64):
+def read_icmp_errors(sock: socket.socket, limit: int = 64) -> list[IcmpError]:
     """Drain (up to *limit* of) the error queue: [(destination, errno, info,
     offender)] of the ICMP errors in it; local errors are dropped."""
-    out = []
+    out: list[IcmpError] = []
     for _ in range(limit):
         try:
             _data, ancdata, _flags, dest = sock.recvmsg(64, 512, socket.MSG_ERRQUEUE)
@@ -191,16 +200,16 @@ class Datagrams:
         return "one datagram per system call"
 
     def describe_udp(self) -> str:
-        return "UDP port %d" % self.sock.getsockname()[1]
+        return f"UDP port {self.sock.getsockname()[1]:d}"
 
-    def watch(self, loop: Any) -> list[tuple[int, Callable[[], None]]]:
+    def watch(self, loop: Loop[Address]) -> list[tuple[int, Callable[[], None]]]:
         """(fd, callback) of the UDP side for the loop to watch."""
         return [(self.fd, loop.on_udp)]
 
     def tick(self, now: float) -> None:
         """About once a second (the loop's timer)."""
 
-    def rebind(self, links: Any) -> None:
+    def rebind(self, links: Links) -> None:
         """An interface of the bound name is back (at a new index): bind the
         socket to it again."""
         name = links.bind_name
@@ -225,17 +234,18 @@ class Datagrams:
                 else:
                     self.send_batch(data, size, dest)
             except OSError as exc:
+                err: OSError | None = exc
                 if exc.errno in REPORTED_ERRORS or (exc.errno == errno.EMSGSIZE
                                                     and self.retry_pending):
-                    exc = self._send_again(data, size, dest)
-                if exc is not None:
-                    if exc.errno == errno.EMSGSIZE and self.too_long is not None \
+                    err = self._send_again(data, size, dest)
+                if err is not None:
+                    if err.errno == errno.EMSGSIZE and self.too_long is not None \
                             and self.too_long(min(n, size)):
                         sent = self._send_recut(data, size, dest)
                         packets += sent[0]
                         nbytes += sent[1]
                     else:
-                        self.failed(exc, dest, min(n, size))
+                        self.failed(err, dest, min(n, size))
                     continue
             packets += -(-n // size) if size else 1
             nbytes += n
@@ -289,7 +299,7 @@ class Datagrams:
         """The datagrams of a receive of *n* bytes (several with UDP_GRO)."""
         return ol.split_gro(view, n, seg_size) if n else [view[:0]]
 
-    def icmp_errors(self) -> list[tuple[Address, int, int, str | None]]:
+    def icmp_errors(self) -> list[IcmpError]:
         return read_icmp_errors(self.sock)
 
 
@@ -306,8 +316,8 @@ class OffloadDatagrams(Datagrams):
         self._recvmsg_into = sock.recvmsg_into
 
     def describe(self) -> str:
-        return "UDP GSO %s, GRO %s" % ("on" if self.gso else "off: one sendto per segment",
-                                       "on" if self.gro else "off")
+        return (f"UDP GSO {'on' if self.gso else 'off: one sendto per segment'}, "
+                f"GRO {'on' if self.gro else 'off'}")
 
     def send_batch(self, data: Buffer, size: int, dest: Address) -> None:
         """All segments in one sendmsg (UDP_SEGMENT), where the kernel has it."""

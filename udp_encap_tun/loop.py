@@ -16,12 +16,13 @@ import logging
 import os
 import select
 import signal
+import socket
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from . import packet as pk
-from .conn import PENDING_ICMP_ERRORS, Address
+from .conn import PENDING_ICMP_ERRORS, Address, Batches, Datagrams, IcmpError
 from .errors import LinkFault
 from .faults import Changes, Links, ReadErrors
 from .service import HOUSEKEEPING, Service
@@ -30,14 +31,41 @@ from .tun import BUFSIZE, Packets, Tun, TunGone
 
 log = logging.getLogger(__name__)
 
-BATCH = 64  # packets read from the tun before looking at the other fds again
-RX_BATCH = 256  # receives per drain of the UDP side when the tun edge coalesces
-RX_AREA = 4 << 20  # the RX buffer then: room for a whole drain
+BATCH: Final = 64  # packets read from the tun before looking at the other fds again
+RX_BATCH: Final = 256  # receives per drain of the UDP side when the tun edge coalesces
+RX_AREA: Final = 4 << 20  # the RX buffer then: room for a whole drain
 # After a read shorter than this (an ACK, a small request) the drain of an fd goes
 # on only if a zero-timeout epoll says more is queued (see Pending).  After a
 # longer one (bulk: super-packets, GRO buffers) it just reads on.
-SMALL = 512
-KEEPALIVE = ((b"", 0),)  # an empty datagram
+SMALL: Final = 512
+KEEPALIVE: Final = ((b"", 0),)  # an empty datagram
+
+# Where the Router sends a packet and the UDP edge takes it: a peer (host, port) on the
+# default wire, a tiumode.Flow in the TCP-in-UDP mode; the loop only carries it across.
+Dest = TypeVar("Dest")
+
+
+class UdpEdge(Protocol[Dest]):
+    """The UDP edge the loop is given: conn.Datagrams / conn.OffloadDatagrams
+    (one socket, Dest a peer) or tiudev.TiuConn (a socket per port or flow, Dest
+    a flow).  ``fd`` is the one socket's (on_udp reads it), None for TiuConn,
+    which reads its own sockets (the callbacks ``watch`` returns)."""
+
+    gso: bool
+    gro: bool
+    max_segment: int  # the largest wire segment the bound link carries (set by the loop)
+    failed: Callable[[OSError, Address, int], None]  # set by the loop: a send failed
+    too_long: Callable[[int], bool] | None  # set by the loop: after EMSGSIZE, did the MTU fall?
+
+    @property
+    def fd(self) -> int | None: ...
+    def describe(self) -> str: ...
+    def describe_udp(self) -> str: ...
+    def watch(self, loop: Loop[Dest]) -> list[tuple[int, Callable[[], None]]]: ...
+    def tick(self, now: float) -> None: ...
+    def rebind(self, links: Links) -> None: ...
+    def send(self, batches: Batches, dest: Dest) -> tuple[int, int]: ...
+    def icmp_errors(self) -> list[IcmpError]: ...
 
 
 class Pending:
@@ -59,23 +87,32 @@ class Pending:
         self._epoll.close()
 
 
-class Loop:
+class Loop(Generic[Dest]):
     """*router* decides; *packets* is the tun edge, *conn* the UDP edge;
     *links* (faults.Links) follows the tun and the bound interface (None: not)."""
 
-    def __init__(self, router: Any, tun: Tun, packets: Packets, conn: Any,
+    # conn when it is one socket (conn.Datagrams): the one on_udp and on_udp_error read
+    # (its watch() registers on_udp; TiuConn reads its own sockets and has none)
+    datagrams: Datagrams
+
+    def __init__(self, router: Any, tun: Tun, packets: Packets, conn: UdpEdge[Dest],
                  clock: Callable[[], float] = time.monotonic, services: Iterable[Service] = (),
                  links: Links | None = None):
+        # router: core.Router or tiumode.TiuRouter (same interface, Dest the destination)
         self.router = router
         self.counters = router.counters
         self.tun = tun
         self.packets = packets
         self.conn = conn
-        self.sock = getattr(conn, "sock", None)  # the UDP socket (default wire)
+        edge: object = conn  # (as object: UdpEdge[Dest] does not narrow to a UdpEdge[Address])
+        if isinstance(edge, Datagrams):
+            self.datagrams = edge
+        # the UDP socket (default wire)
+        self.sock: socket.socket | None = getattr(conn, "sock", None)
         # what the status document reads (service.TunnelView)
         self.tun_header_len = packets.header_len
         self.gso, self.gro = conn.gso, conn.gro
-        if hasattr(conn, "describe_flows"):  # tcp-in-udp: its flows
+        if hasattr(conn, "describe_flows") and hasattr(conn, "device"):  # tcp-in-udp: its flows
             self.describe_flows = conn.describe_flows
             self.device = conn.device
         self.links = links
@@ -86,7 +123,7 @@ class Loop:
         self.callbacks: dict[int, Callable[[], None]] = {}
         self.tun_errors, self.udp_errors = ReadErrors(), ReadErrors()
         self.tun_pending = Pending(packets.fd)
-        self.udp_pending = Pending(conn.fd) if getattr(conn, "fd", None) is not None else None
+        self.udp_pending = Pending(conn.fd) if conn.fd is not None else None
         self.running = False
         # set by the signal handler (Python runs it in this thread, between bytecodes);
         # the wake-up pipe only wakes the loop, its bytes are not relied on
@@ -134,7 +171,7 @@ class Loop:
         # a stop requested (signal) or a fault found during the start-up above holds
         self.running = self.stop_signal is None and self.failure is None
         clock, poll, router = self.clock, poller.poll, self.router
-        udp_fd, epollerr = getattr(self.conn, "fd", -1), select.EPOLLERR
+        udp_fd, epollerr = self.conn.fd, select.EPOLLERR
         next_housekeeping = clock() + HOUSEKEEPING
         log.info("ready: %s mode, tun %s, %s", "client" if router.client else "server",
                  self.tun.name, self.conn.describe_udp())
@@ -203,7 +240,7 @@ class Loop:
         self.router.tick(now)
         self.conn.tick(now)
         for errors, fd in ((self.tun_errors, self.packets.fd),
-                           (self.udp_errors, getattr(self.conn, "fd", None))):
+                           (self.udp_errors, self.conn.fd)):
             if fd is not None and errors.tick() and self.poller is not None:
                 self.poller.register(fd, select.EPOLLIN)
         for service in self.services:
@@ -268,9 +305,10 @@ class Loop:
         """Datagrams become IPv4 packets written to the tun: one at a time, in
         place, on the simple path or when it is a lone small one; otherwise a
         whole drain, each run of one peer's segments written coalesced."""
-        view, router, conn = self.rxview, self.router, self.conn
+        view, router, conn = self.rxview, self.router, self.datagrams
         recv, split, rx_segment = conn.recv, conn.split, router.rx_segment
         pending, coalesces = self.udp_pending, self.packets.coalesces
+        assert pending is not None  # on_udp is registered only by conn.Datagrams (conn.fd set)
         now = self.clock()
         groups: list[tuple[Address, list[memoryview]]] = []
         off = start = self.rx_start
@@ -325,7 +363,7 @@ class Loop:
     def on_udp_error(self) -> None:
         """The socket's error queue holds ICMP errors (client: IP_RECVERR)."""
         now = self.clock()
-        for dest, err, info, offender in self.conn.icmp_errors():
+        for dest, err, info, offender in self.datagrams.icmp_errors():
             self.router.icmp_error(dest, err, info, offender, now)
 
     def _read_failed(self, errors: ReadErrors, fd: int, what: str) -> bool:
@@ -349,7 +387,7 @@ class Loop:
         log.debug("UDP read: %s", exc)
         if exc.errno in PENDING_ICMP_ERRORS:
             return False
-        return self._read_failed(self.udp_errors, self.conn.fd, "UDP socket")
+        return self._read_failed(self.udp_errors, self.datagrams.fd, "UDP socket")
 
     # -- signals ---------------------------------------------------------------
     def on_signal_handler(self, signum: int, _frame: object) -> None:
@@ -431,13 +469,13 @@ class Loop:
             self.set_max_segment(links.max_segment or BUFSIZE)
 
 
-def default_wire(router: Any, tun: Tun, sock: Any, offload: bool = False, gso: bool = False,
-                 gro: bool = False, **kwargs: Any) -> Loop:
+def default_wire(router: Any, tun: Tun, sock: socket.socket, offload: bool = False,
+                 gso: bool = False, gro: bool = False, **kwargs: Any) -> Loop[Address]:
     """The loop of the default wire format (a bare TCP segment per datagram) on
     *tun* and the UDP socket *sock*: the simple path's edges, or the offload
     path's (*offload*: the tun has TSO/checksum offload; *gso*, *gro*: the
     kernel's UDP segmentation offloads)."""
-    from .conn import Datagrams, OffloadDatagrams
+    from .conn import OffloadDatagrams
     from .tun import OffloadPackets
 
     if offload:

@@ -15,7 +15,8 @@ import os
 import socket
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -31,17 +32,17 @@ from .faults import LinkEvent
 
 log = logging.getLogger(__name__)
 
-TUNSETIFF = 0x400454CA
-TUNSETOFFLOAD = 0x400454D0
-TUNSETVNETHDRSZ = 0x400454D8
-IFF_TUN = 0x0001
-IFF_NO_PI = 0x1000
-IFF_VNET_HDR = 0x4000
-TUN_F_CSUM = 0x01
-TUN_F_TSO4 = 0x02
+TUNSETIFF: Final = 0x400454CA
+TUNSETOFFLOAD: Final = 0x400454D0
+TUNSETVNETHDRSZ: Final = 0x400454D8
+IFF_TUN: Final = 0x0001
+IFF_NO_PI: Final = 0x1000
+IFF_VNET_HDR: Final = 0x4000
+TUN_F_CSUM: Final = 0x01
+TUN_F_TSO4: Final = 0x02
 
-MONITOR_BUFFER = 1 << 20
-RTPROT_KERNEL = 2
+MONITOR_BUFFER: Final = 1 << 20
+RTPROT_KERNEL: Final = 2
 
 
 class Tun:
@@ -74,7 +75,8 @@ class Tun:
                 raise OperatorError(f"cannot attach tun {name}: an interface of that name "
                                     "exists and is not a tun device") from None
             if exc.errno == errno.EBUSY:
-                raise OperatorError(f"cannot attach tun {name}: it is in use by another process") from None
+                raise OperatorError(f"cannot attach tun {name}: it is in use by another "
+                                    "process") from None
             raise OperatorError(f"cannot attach tun {name}: {exc.strerror}") from None
         self.fd = fd
         self.index = self.ipr.link_lookup(ifname=name)[0]
@@ -84,7 +86,8 @@ class Tun:
         self.network: ipaddress.IPv4Network | None = None
         self.monitor: socket.socket | None = None
         self.marshal = MarshalRtnl()
-        self.added: list[tuple[str, dict]] = []  # what we configured, undone on close
+        # what we configured, undone on close: ("addr" or "route", its pyroute2 arguments)
+        self.added: list[tuple[str, dict[str, Any]]] = []
 
     def add_address(self, cidr: str) -> None:
         """Give the tun this address (kept if it already has it)."""
@@ -93,7 +96,8 @@ class Tun:
                 for a in self.ipr.get_addr(index=self.index, family=2)}
         if (str(iface.ip), iface.network.prefixlen) in have:
             return
-        spec = {"index": self.index, "address": str(iface.ip), "prefixlen": iface.network.prefixlen}
+        spec = {"index": self.index, "address": str(iface.ip),
+                "prefixlen": iface.network.prefixlen}
         try:
             with quiet_pyroute2():
                 self.ipr.addr("add", **spec)
@@ -118,11 +122,10 @@ class Tun:
     def _disable_ipv6(self) -> None:
         """Nothing but IPv4 crosses the tunnel: spare a new tun the kernel's IPv6
         chatter (router solicitations), which would only be counted and dropped."""
-        try:
-            with open(f"/proc/sys/net/ipv6/conf/{self.name}/disable_ipv6", "w") as f:
-                f.write("1")
-        except OSError:  # no IPv6, or /proc/sys read-only (a sandboxed service)
-            pass
+        # no IPv6, or /proc/sys read-only (a sandboxed service): left as it is
+        with contextlib.suppress(OSError), \
+                open(f"/proc/sys/net/ipv6/conf/{self.name}/disable_ipv6", "w") as f:
+            f.write("1")
 
     def enable_offload(self) -> bool:
         """Ask for TCP segmentation and checksum offload (needs IFF_VNET_HDR)."""
@@ -151,33 +154,36 @@ class Tun:
         change.  A plain non-blocking socket, read to EAGAIN, with pyroute2's
         parser: an IPRoute reads every queued datagram into a queue of its own
         and hands out one per call, so epoll would miss what it holds."""
-        self.monitor = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
-                                     | socket.SOCK_CLOEXEC, socket.NETLINK_ROUTE)
-        try:
-            self.monitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MONITOR_BUFFER)
-        except OSError:
-            pass
-        self.monitor.bind((0, RTMGRP_IPV4_IFADDR | RTMGRP_LINK))
+        monitor = self.monitor = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+            socket.NETLINK_ROUTE)
+        with contextlib.suppress(OSError):
+            monitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MONITOR_BUFFER)
+        monitor.bind((0, RTMGRP_IPV4_IFADDR | RTMGRP_LINK))
         self.refresh_address()
-        return self.monitor
+        return monitor
 
-    def _monitor_messages(self):
-        """The parsed messages queued on the monitor (OSError: ENOBUFS, some were lost)."""
+    def _monitor_messages(self, monitor: socket.socket) -> Iterator[Any]:
+        """The parsed messages (pyroute2's) queued on *monitor* (OSError: ENOBUFS,
+        some were lost)."""
         while True:
             try:
-                data = self.monitor.recv(MONITOR_BUFFER)
+                data = monitor.recv(MONITOR_BUFFER)
             except BlockingIOError:
                 return
             yield from self.marshal.parse(data)
 
-    def drain_monitor(self, names=()) -> tuple[bool, list[LinkEvent] | None]:
+    def drain_monitor(self, names: Iterable[str] = ()) -> tuple[bool, list[LinkEvent] | None]:
         """Read pending events: (whether the tun's address changed, the link
         events of the tun and of the interfaces named *names*, in order).  The
         link events are None when some were lost (the monitor's buffer
         overflowed): then the caller must look the links up (link_snapshot)."""
-        address, links = False, []
+        address = False
+        links: list[LinkEvent] = []
+        monitor = self.monitor
+        assert monitor is not None, "drain_monitor before start_monitor"  # the loop starts it
         try:
-            messages = list(self._monitor_messages())
+            messages = list(self._monitor_messages(monitor))
         except OSError as exc:  # ENOBUFS: events were lost
             log.warning("netlink monitor: %s: looking the links up again", exc.strerror)
             return self.refresh_address(), None
@@ -192,12 +198,13 @@ class Tun:
                 address = True
         return address and self.refresh_address(), links
 
-    def link_snapshot(self, names=()) -> list[LinkEvent]:
+    def link_snapshot(self, names: Iterable[str] = ()) -> list[LinkEvent]:
         """The tun and the interfaces named *names* as they are now, as link
         events (a deleted one for the tun if it is gone)."""
         events = []
         for name in names:
-            for link in self.ipr.get_links(ifname=name) if self.ipr.link_lookup(ifname=name) else ():
+            found = self.ipr.link_lookup(ifname=name)
+            for link in self.ipr.get_links(ifname=name) if found else ():
                 events.append(LinkEvent(False, link["index"], name, link.get_attr("IFLA_MTU")))
         try:
             tun = self.ipr.get_links(self.index)[0]
@@ -210,21 +217,24 @@ class Tun:
     def refresh_address(self) -> bool:
         addrs = self.ipr.get_addr(index=self.index, family=2)
         if addrs:
-            iface = ipaddress.IPv4Interface(f"{addrs[0].get_attr('IFA_ADDRESS')}/{addrs[0]['prefixlen']}")
-            address, network = iface.ip.packed, iface.network
+            iface = ipaddress.IPv4Interface(
+                f"{addrs[0].get_attr('IFA_ADDRESS')}/{addrs[0]['prefixlen']}")
+            address: bytes | None = iface.ip.packed
+            network: ipaddress.IPv4Network | None = iface.network
         else:
             address, network = None, None
         changed = (address, network) != (self.address, self.network)
         self.address, self.network = address, network
         if changed:
             log.info("tun %s address: %s", self.name,
-                     f"{ipaddress.IPv4Address(address)}/{network.prefixlen}" if address else "none")
+                     f"{ipaddress.IPv4Address(address)}/{iface.network.prefixlen}" if address
+                     else "none")
         return changed
 
-    def _routes(self) -> dict:
+    def _routes(self) -> dict[tuple[str, int], Any]:
         """IPv4 routes through the tun (main table, not the kernel's own prefix
         routes of addresses), by destination."""
-        routes = {}
+        routes: dict[tuple[str, int], Any] = {}  # pyroute2's route messages
         for r in self.ipr.get_routes(family=2, oif=self.index):
             if r.get_attr("RTA_TABLE") == 254 and r["proto"] != RTPROT_KERNEL:
                 routes[(r.get_attr("RTA_DST") or "0.0.0.0", r["dst_len"])] = r
@@ -251,7 +261,8 @@ class Tun:
                 self.ipr.route("add", dst=dst, dst_len=dst_len, oif=self.index,
                                scope=route["scope"], proto=route["proto"])
             except Exception as exc:
-                log.warning("could not restore route %s/%d via %s: %s", dst, dst_len, self.name, exc)
+                log.warning("could not restore route %s/%d via %s: %s", dst, dst_len, self.name,
+                            exc)
 
     def close(self) -> None:
         self.undo()
@@ -279,7 +290,7 @@ def open_tun(name: str, mtu: int, address: str | None, offload: bool) -> tuple[T
     tun = Tun(name, vnet_hdr=offload)
     if offload and not tun.enable_offload():
         tun.close()
-        tun, offload = None, False
+        offload = False
         tun = Tun(name)
     try:
         tun.configure(mtu)
@@ -292,7 +303,7 @@ def open_tun(name: str, mtu: int, address: str | None, offload: bool) -> tuple[T
 
 
 @contextlib.contextmanager
-def quiet_pyroute2():
+def quiet_pyroute2() -> Iterator[None]:
     """pyroute2 logs a traceback of its own (ERROR) for a request it cannot
     encode before raising; around a call whose failure we report ourselves, as
     one line, its logger is silenced."""
@@ -323,8 +334,8 @@ def link_info(ifname: str) -> tuple[int, int]:
 
 # --------------------------------------------------------------------------- the tun edge
 
-TUN_GONE = frozenset({errno.EBADFD})  # read/write errors of a tun deleted under us
-BUFSIZE = 65536
+TUN_GONE: Final = frozenset({errno.EBADFD})  # read/write errors of a tun deleted under us
+BUFSIZE: Final = 65536
 
 
 class TunGone(Exception):
