@@ -15,30 +15,35 @@ import logging
 import os
 import socket
 from collections import Counter
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Final
 
 from . import auth
 from . import packet as pk
-from .store import AddressPool, Entry, PeerStore
+from .store import AddressPool, Entry, Peer, PeerStore
+
+if TYPE_CHECKING:  # aliases only: the I/O edge is not imported here
+    from .conn import Batches, Buffer
 
 log = logging.getLogger(__name__)
 
 # drop reasons decided here (packet.py has the parsing ones)
-TX_UNKNOWN_PEER = "unknown_peer"
-RX_NO_TUN_ADDRESS = "no_tun_address"
-KEEPALIVE_FORGET = 86400.0  # stop keeping a server's mapping alive after a day without TCP
-TX_MESSAGE_TOO_LONG = "message_too_long"  # the kernel refused a datagram with EMSGSIZE
-TX_NO_INTERFACE = "no_interface"  # the bound interface is gone (ENODEV)
-WARN_INTERVAL = 60.0  # seconds: at most one warning per kind and peer this often
-WARN_BURST = 10  # warnings of one kind, all peers together, per WARN_INTERVAL at most
-KEEPALIVE_ANSWER_INTERVAL = 1.0  # server: at most one keepalive answer per peer this often
-MIN_IPV4_MTU = 68  # RFC 791: an ICMP "fragmentation needed" naming less names none
-SILENCE = 10.0  # client: warn when we have sent to a server this long and heard nothing back
+TX_UNKNOWN_PEER: Final = "unknown_peer"
+RX_NO_TUN_ADDRESS: Final = "no_tun_address"
+KEEPALIVE_FORGET: Final = 86400.0  # stop keeping a server's mapping alive after a day without TCP
+TX_MESSAGE_TOO_LONG: Final = "message_too_long"  # the kernel refused a datagram with EMSGSIZE
+TX_NO_INTERFACE: Final = "no_interface"  # the bound interface is gone (ENODEV)
+WARN_INTERVAL: Final = 60.0  # seconds: at most one warning per kind and peer this often
+WARN_BURST: Final = 10  # warnings of one kind, all peers together, per WARN_INTERVAL at most
+KEEPALIVE_ANSWER_INTERVAL: Final = 1.0  # server: at most one keepalive answer per peer this often
+MIN_IPV4_MTU: Final = 68  # RFC 791: an ICMP "fragmentation needed" naming less names none
+SILENCE: Final = 10.0  # client: warn when we have sent to a server this long and heard nothing back
 # ICMP errors about datagrams we sent (client: IP_RECVERR), by errno: counter, what it means
-ICMP_ERRORS = {
+ICMP_ERRORS: Final[dict[int, tuple[str, str]]] = {
     errno.ECONNREFUSED: ("icmp_port_unreachable", "port unreachable"),
     errno.EMSGSIZE: ("icmp_frag_needed", "fragmentation needed"),
 }
-AUTH_FAILURE_HINTS = {
+AUTH_FAILURE_HINTS: Final[dict[str, str]] = {
     "bad_proof": ": it holds another pre-shared key (--psk-file)",
     "bad_cookie": ": a forged or replayed handshake, or its address changed midway",
     "stale_cookie": ": its answer came too late (a slow path, or a replay)",
@@ -46,10 +51,10 @@ AUTH_FAILURE_HINTS = {
 }
 
 
-class Counters(Counter):
+class Counters(Counter[str]):
     """Named event counts: ``tx_packets``, ``rx_drop_too_short``, ..."""
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, int]:
         return dict(sorted((k, v) for k, v in self.items() if v))
 
 
@@ -63,10 +68,12 @@ class Warnings:
     def __init__(self, interval: float = WARN_INTERVAL, burst: int = WARN_BURST,
                  size: int = 4096):
         self.interval, self.burst, self.size = interval, burst, size
-        self.last: dict = {}  # (kind, peer) -> time of its last warning
+        # (kind, peer) -> time of its last warning; the peer is whatever the warning is
+        # about (a (host, port), a tcp-in-udp flow's address) or None
+        self.last: dict[tuple[str, Hashable], float] = {}
         self.kinds: dict[str, auth.TokenBucket] = {}
 
-    def allow(self, kind: str, peer, now: float) -> bool:
+    def allow(self, kind: str, peer: Hashable, now: float) -> bool:
         key = (kind, peer)
         last = self.last.get(key)
         if last is not None and now - last < self.interval:
@@ -111,8 +118,8 @@ class Router:
         self.endpoint_port = endpoint_port
         self.client = endpoint_port is not None  # client mode (else server mode)
         self.mss = mss  # clamp the MSS of SYNs crossing the tunnel to this (None: off)
-        self.remotes: dict = {}  # client: (host, port) -> last TX time, for keepalives
-        self.servers: dict = {}  # client: (host, port) -> ServerState (status, warnings)
+        self.remotes: dict[Peer, float] = {}  # client: (host, port) -> last TX time, keepalives
+        self.servers: dict[Peer, ServerState] = {}  # client: (host, port) -> its state
         self.pool_cidr = pool_cidr
         self.pool_key = pool_key
         self.timeout = timeout
@@ -121,12 +128,13 @@ class Router:
         self.tun_address: bytes | None = None
         self.store: PeerStore | None = None
         self._aton: dict[str, bytes] = {}
-        self._routes: dict[bytes, tuple] = {}  # client: IPv4 destination -> (UDP dest, None)
+        # client: IPv4 destination -> (UDP dest, None)
+        self._routes: dict[bytes, tuple[Peer, None]] = {}
         self.ident = 0
         # datagrams to send, [(dest, [(buffer, segment size), ...] or None)]: control
         # replies, data released after authentication, keepalives (None: an empty
         # datagram); the I/O loop empties it
-        self.outbox: list = []
+        self.outbox: list[tuple[Peer, Batches | None]] = []
         self.keepalive = keepalive  # client: seconds between keepalives (None: none)
         self.next_keepalive: float | None = None
         self.admission = auth.TokenBucket(admission_rate, max(1.0, admission_rate))
@@ -135,7 +143,7 @@ class Router:
         self.server_auth = auth.ServerAuth(keys) if keys and not self.client else None
         self.warnings = Warnings()
 
-    def warn(self, kind: str, peer, now: float, message: str, *args) -> bool:
+    def warn(self, kind: str, peer: Hashable, now: float, message: str, *args: object) -> bool:
         """Log a WARNING about *peer* (None: about no peer in particular) unless
         one of this kind about it was logged lately (see Warnings)."""
         if not self.warnings.allow(kind, peer, now):
@@ -143,13 +151,13 @@ class Router:
         log.warning(message, *args)
         return True
 
-    def count_rarely_logged(self, name: str, message: str, *args, now: float, peer=None,
-                            amount: int = 1) -> None:
+    def count_rarely_logged(self, name: str, message: str, *args: object, now: float,
+                            peer: Hashable = None, amount: int = 1) -> None:
         """Count an event and warn about it, rate-limited per counter and peer."""
         count = self.counters[name] = self.counters[name] + amount
         self.warn(name, peer, now, message + " (%d so far)", *args, count)
 
-    def send_failed(self, dest, err: int, size: int, now: float) -> str:
+    def send_failed(self, dest: Peer, err: int, size: int, now: float) -> str:
         """The kernel refused a datagram of *size* bytes to *dest*: the counter
         suffix it is dropped under (tx_drop_...)."""
         if err in (errno.EAGAIN, errno.ENOBUFS):
@@ -191,7 +199,7 @@ class Router:
                                 *entry.peer, ipaddress.IPv4Address(entry.address))
 
     # -- TX: tun -> UDP -----------------------------------------------------
-    def tx(self, pkt, now: float):
+    def tx(self, pkt: Buffer, now: float) -> tuple[Peer, Entry | None] | None:
         """A packet read from the tun: (UDP destination, store entry to count on
         or None), or None if it is dropped (counted).  A TCP SYN's MSS is clamped
         here.  Then the loop gives its wire segments to held() (if ``holds``),
@@ -207,14 +215,17 @@ class Router:
                 self.clamp(pkt[hlen:pk.packet_length(pkt)], "tx")
         return route
 
-    def clamp(self, segment, direction: str) -> None:
-        if pk.clamp_mss(segment, self.mss):
+    def clamp(self, segment: Buffer, direction: str) -> None:
+        """Clamp the MSS of a SYN (the callers check ``mss`` is set first)."""
+        mss = self.mss
+        if mss is not None and pk.clamp_mss(segment, mss):
             self.counters[direction + "_mss_clamped"] += 1
 
-    def held(self, dest, batches, now: float) -> bool:
+    def held(self, dest: Peer, batches: Batches, now: float) -> bool:
         """Client with a key: True if *dest* has not authenticated us yet (the
         segments are held, and a HELLO goes out)."""
-        if dest in self.client_auth.ready:
+        # called only when ``holds``, i.e. client_auth is set (no check per packet here)
+        if dest in self.client_auth.ready:  # type: ignore[union-attr]
             return False
         self.hold(dest, batches, now)
         return True
@@ -228,7 +239,7 @@ class Router:
             entry.tx_packets += packets
             entry.tx_bytes += nbytes
 
-    def tx_destination(self, dst: bytes, now: float):
+    def tx_destination(self, dst: bytes, now: float) -> tuple[Peer, Entry | None] | None:
         """(UDP (host, port), store entry or None) for a packet to IPv4 *dst*
         (4 bytes), or None (counted)."""
         if self.client:
@@ -244,20 +255,22 @@ class Router:
             return None
         return entry.peer, entry
 
-    def _new_route(self, dst: bytes):
+    def _new_route(self, dst: bytes) -> tuple[Peer, None]:
         if len(self._routes) > 4096:  # bounded: a scan through the tun must not grow memory
             self._routes.clear()
         if len(self.remotes) > 4096:  # so are the servers TCP went to: the latest used stay
             recent = sorted(self.remotes.items(), key=lambda item: item[1])[-2048:]
             self.remotes = dict(recent)
             self.servers = {d: s for d, s in self.servers.items() if d in self.remotes}
-        route = self._routes[bytes(dst)] = ((socket.inet_ntoa(dst), self.endpoint_port), None)
+        port = self.endpoint_port
+        assert port is not None  # client mode: endpoint_port is set (see client)
+        route = self._routes[bytes(dst)] = ((socket.inet_ntoa(dst), port), None)
         if route[0] not in self.servers:
             self.servers[route[0]] = ServerState(route[0][0])
         return route
 
     # -- RX: UDP -> tun -----------------------------------------------------
-    def rx_segment(self, seg, peer, now: float) -> bool:
+    def rx_segment(self, seg: Buffer, peer: Peer, now: float) -> bool:
         """A datagram from *peer*: True if it is a TCP segment for the tun (a
         SYN's MSS clamped), else it was handled here: a keepalive (answered
         through the outbox), a control message, or junk (counted)."""
@@ -284,13 +297,15 @@ class Router:
             entry.rx_packets += packets
             entry.rx_bytes += nbytes
 
-    def rx_addresses(self, peer, now: float, count: int = 1):
+    def rx_addresses(self, peer: Peer, now: float,
+                     count: int = 1) -> tuple[bytes, bytes, Entry | None] | None:
         """(source, destination, entry) for *count* segments from UDP *peer*, or
         None (then counted as *count* drops).
 
         entry is the server's store entry (None in client mode)."""
         dst = self.tun_address
         if self.client:
+            src: bytes | None
             server = self.servers.get(peer)
             if server is not None:
                 server.last_heard = now
@@ -326,19 +341,19 @@ class Router:
                                          "more new peers than --admission-rate allows", *peer,
                                          now=now, peer=peer, amount=count)
                 return None
-            entry = self._admit(peer, now, count)
+            entry = self._admit(store, peer, now, count)
             if entry is None:
                 return None
         return entry.address, dst, entry
 
-    def _no_tun_address(self, peer, now: float, count: int = 1) -> None:
+    def _no_tun_address(self, peer: Peer, now: float, count: int = 1) -> None:
         self.count_rarely_logged(
             "rx_drop_" + RX_NO_TUN_ADDRESS, "dropping datagrams from %s:%d: the tun has no IPv4 "
             "address (give it one: --tun-address, or ip addr add ADDRESS dev TUN)", *peer,
             now=now, peer=peer, amount=count)
 
-    def _admit(self, peer, now: float, count: int = 1) -> Entry | None:
-        entry = self.store.admit(peer, now)
+    def _admit(self, store: PeerStore, peer: Peer, now: float, count: int = 1) -> Entry | None:
+        entry = store.admit(peer, now)
         if isinstance(entry, str):
             self.count_rarely_logged("rx_drop_" + entry, "refusing new peer %s:%d: %s",
                                      *peer, entry.replace("_", " "), now=now, peer=peer,
@@ -347,18 +362,20 @@ class Router:
         log.info("new peer %s:%d -> %s", *peer, ipaddress.IPv4Address(entry.address))
         return entry
 
-    def _ask_to_authenticate(self, peer, now: float) -> None:
+    def _ask_to_authenticate(self, peer: Peer, now: float) -> None:
         """Only for TCP segments (at least 20 bytes): never more than was received."""
-        self._send_control(peer, self.server_auth.auth_required(peer, now), now)
+        server_auth = self.server_auth
+        assert server_auth is not None  # the caller checked: a server with a key
+        self._send_control(peer, server_auth.auth_required(peer, now), now)
 
-    def _send_control(self, dest, message: bytes | None, now: float) -> None:
+    def _send_control(self, dest: Peer, message: bytes | None, now: float) -> None:
         if message is not None:
             self.outbox.append((dest, [(message, len(message))]))
             if self.client:
                 self.sent(dest, now)
 
     # -- authentication --------------------------------------------------------
-    def control(self, datagram, peer, now: float) -> None:
+    def control(self, datagram: Buffer, peer: Peer, now: float) -> None:
         """A datagram that is no TCP segment and looks like a control message."""
         msg = auth.parse(datagram)
         server = self.servers.get(peer) if self.client else None
@@ -375,11 +392,15 @@ class Router:
                 self._no_tun_address(peer, now)
                 return
             reply, outcome = self.server_auth.on_control(kind, body, peer, now)
-            if outcome == "accepted" and (self.store is None or (
-                    self.store.lookup_peer(peer, now) is None and self._admit(peer, now) is None)):
+            store = self.store
+            if outcome == "accepted" and (store is None or (store.lookup_peer(peer, now) is None
+                                                            and self._admit(store, peer, now)
+                                                            is None)):
                 reply, outcome = None, "admission_refused"
         else:
-            reply, released, outcome = self.client_auth.on_control(kind, body, peer, now)
+            client_auth = self.client_auth
+            assert client_auth is not None  # one of the two is set (checked above)
+            reply, released, outcome = client_auth.on_control(kind, body, peer, now)
             if outcome == "authenticated":
                 log.info("authenticated to %s:%d", *peer)
             self.outbox.extend((peer, item) for item in released)
@@ -391,7 +412,8 @@ class Router:
                                      AUTH_FAILURE_HINTS.get(outcome, ""), now=now, peer=peer)
         self._send_control(peer, reply, now)
 
-    def _control_without_key(self, kind: int, peer, server, now: float) -> None:
+    def _control_without_key(self, kind: int, peer: Peer, server: ServerState | None,
+                             now: float) -> None:
         """A well-formed control message, and we have no pre-shared key."""
         if not self.client and kind == auth.HELLO:
             self.warn("hello_without_key", peer, now, "peer %s:%d wants to authenticate (it has "
@@ -401,9 +423,11 @@ class Router:
             self.warn("key_required", peer, now, "server %s:%d requires a pre-shared key "
                       "(--psk-file): it drops everything we send", *peer)
 
-    def hold(self, dest, batches, now: float) -> None:
+    def hold(self, dest: Peer, batches: Batches, now: float) -> None:
         """Client: data for a server we have not authenticated to yet."""
-        hello, dropped = self.client_auth.hold(dest, [(bytes(b), n) for b, n in batches], now)
+        client_auth = self.client_auth
+        assert client_auth is not None  # only held() calls it: holds, a client with a key
+        hello, dropped = client_auth.hold(dest, [(bytes(b), n) for b, n in batches], now)
         if dropped:
             self.counters["tx_drop_auth_pending"] += 1
         self._send_control(dest, hello, now)
@@ -419,7 +443,7 @@ class Router:
             self._watch_servers(now)
 
     # -- client: is anybody there? ---------------------------------------------
-    def sent(self, dest, now: float) -> None:
+    def sent(self, dest: Peer, now: float) -> None:
         """Client: something other than data (keepalive, handshake) went to *dest*."""
         server = self.servers.get(dest)
         if server is None:
@@ -428,7 +452,7 @@ class Router:
             server = self.servers[dest] = ServerState(dest[0])
         server.last_sent = now
 
-    def auth_state(self, dest, now: float) -> str:
+    def auth_state(self, dest: Peer, now: float) -> str:
         """Client: 'no key', 'pending', 'authenticated' or 'failing'."""
         if self.client_auth is None:
             return "no key"
@@ -453,16 +477,18 @@ class Router:
             # Silence is sending for SILENCE seconds with nothing back: a lone last
             # segment (the final ACK of an exchange) draws no reply, and a send
             # after a pause has not had the time to be answered yet.
-            if server.silent_since is not None and answerable is not None \
+            # (sent is set once answerable is: last_sent is never unset)
+            if server.silent_since is not None and answerable is not None and sent is not None \
                     and answerable - server.silent_since >= SILENCE and (
-                    server.silence_warned is None or sent > server.silence_warned):
-                if self._warn_silent(dest, server, now):
-                    server.silence_warned = now
+                    server.silence_warned is None or sent > server.silence_warned) \
+                    and self._warn_silent(dest, server, server.silent_since, now):
+                server.silence_warned = now
             if self.client_auth is not None:
                 self._watch_authentication(dest, now)
 
-    def _warn_silent(self, dest, server: ServerState, now: float) -> bool:
-        quiet = now - server.silent_since
+    def _warn_silent(self, dest: Peer, server: ServerState, silent_since: float,
+                     now: float) -> bool:
+        quiet = now - silent_since
         session = self.client_auth.sessions.get(dest) if self.client_auth else None
         if session is not None and session.started is not None and not session.challenges:
             return self.warn(
@@ -475,8 +501,10 @@ class Router:
             "sending to it: is it running, is --endpoint-port %d its --listen-port, does a "
             "firewall drop the UDP, has its tun an address?", *dest, quiet, dest[1])
 
-    def _watch_authentication(self, dest, now: float) -> None:
-        session = self.client_auth.sessions.get(dest)
+    def _watch_authentication(self, dest: Peer, now: float) -> None:
+        client_auth = self.client_auth
+        assert client_auth is not None  # the caller checked
+        session = client_auth.sessions.get(dest)
         if session is None or session.started is None or not session.challenges \
                 or now - session.started < auth.FAILING_AFTER:
             return
@@ -485,11 +513,11 @@ class Router:
                   "--psk-file? or it refuses new peers: see its log)", *dest, session.challenges,
                   now - session.started)
 
-    def icmp_error(self, dest, err: int, info: int, offender: str | None, now: float) -> None:
+    def icmp_error(self, dest: Peer, err: int, info: int, offender: str | None,
+                   now: float) -> None:
         """The kernel reports an ICMP error about a datagram we sent to *dest*
         (client: IP_RECVERR).  *info* is the next-hop MTU for EMSGSIZE."""
-        counter, what = ICMP_ERRORS.get(err, ("icmp_unreachable", None))
-        what = what or os.strerror(err).lower()
+        counter, what = ICMP_ERRORS.get(err) or ("icmp_unreachable", os.strerror(err).lower())
         self.counters[counter] += 1
         if dest not in self.servers:
             return
@@ -511,7 +539,7 @@ class Router:
             self.warn("unreachable", dest, now, "server %s:%d is unreachable: %s%s", *dest,
                       what, via)
 
-    def keepalive_received(self, peer, now: float) -> bool:
+    def keepalive_received(self, peer: Peer, now: float) -> bool:
         """An empty datagram.  Server: refresh the peer's entry (never creates
         one); True if the peer is known: answer with an empty datagram, so that a
         client whose only traffic is keepalives hears that we are there.  At most
@@ -541,16 +569,18 @@ class Router:
         """Client: an empty datagram to each server TCP went to, every
         ``keepalive`` seconds (keeps a NAT mapping and the server's entry alive
         while TCP is idle; our server answers, the C original ignores it)."""
+        interval = self.keepalive
+        assert interval is not None  # tick() calls it only then
         if self.next_keepalive is None:
-            self.next_keepalive = now + self.keepalive
+            self.next_keepalive = now + interval
         if now < self.next_keepalive:
             return
-        self.next_keepalive = now + self.keepalive
+        self.next_keepalive = now + interval
         for dest in self.keepalive_targets(now):
             self.outbox.append((dest, None))
             self.sent(dest, now)
 
-    def keepalive_targets(self, now: float, forget: float = KEEPALIVE_FORGET):
+    def keepalive_targets(self, now: float, forget: float = KEEPALIVE_FORGET) -> list[Peer]:
         """Client: the servers TCP went to in the last *forget* seconds."""
         for dest, last in list(self.remotes.items()):
             if now - last > forget:
