@@ -2,8 +2,10 @@
 2), or a fault of the host under a running tunnel (exit status 1)."""
 
 import sys
+from collections.abc import Callable
+from typing import Final, NoReturn, TypeVar
 
-IFNAMSIZ = 16  # the kernel's limit on interface names, with the terminating NUL
+IFNAMSIZ: Final = 16  # the kernel's limit on interface names, with the terminating NUL
 
 
 class OperatorError(Exception):
@@ -29,14 +31,19 @@ class LinkFault(Exception):
 class OneLineErrors:
     """Mixin for argparse parsers: a usage mistake is one line, not the whole usage."""
 
-    def error(self, message):
+    prog: str  # the parser's
+
+    def error(self, message: str) -> NoReturn:
         report(self.prog, message)
         raise SystemExit(2)
 
 
-def positive(kind):
+_Number = TypeVar("_Number", int, float)
+
+
+def positive(kind: type[_Number]) -> Callable[[str], _Number]:
     """argparse type: a number of *kind* greater than zero."""
-    def parse(text: str):
+    def parse(text: str) -> _Number:
         value = kind(text)
         if not value > 0:
             raise ValueError(text)
