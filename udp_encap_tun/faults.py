@@ -5,14 +5,16 @@ the netlink monitor (tun.py) parsed and applies the answers with syscalls."""
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
 
-LINK_OVERHEAD = 8  # the UDP header: a TCP segment in UDP costs 8 bytes more than in IPv4
-TIU_OVERHEAD = 0  # --wire tcp-in-udp: the datagram is exactly as long as the segment
-IPV4_HEADER = 20
-TCP_IP_HEADERS = 40  # MSS = MTU - 40 (IPv4 and TCP headers without options)
-MIN_MTU = 68  # IPv4's minimum, and the smallest MTU the kernel lets a tun have
-MAX_MTU = 65535 - LINK_OVERHEAD  # the largest packet whose datagram IPv4 can still carry
+LINK_OVERHEAD: Final = 8  # the UDP header: a TCP segment in UDP costs 8 bytes more than in IPv4
+TIU_OVERHEAD: Final = 0  # --wire tcp-in-udp: the datagram is exactly as long as the segment
+IPV4_HEADER: Final = 20
+TCP_IP_HEADERS: Final = 40  # MSS = MTU - 40 (IPv4 and TCP headers without options)
+MIN_MTU: Final = 68  # IPv4's minimum, and the smallest MTU the kernel lets a tun have
+MAX_MTU: Final = 65535 - LINK_OVERHEAD  # the largest packet whose datagram IPv4 can still carry
 
 
 def tun_mtu_for(link_mtu: int, explicit: int | None = None,
@@ -27,7 +29,8 @@ def tun_mtu_for(link_mtu: int, explicit: int | None = None,
     return max(MIN_MTU, mtu)
 
 
-class LinkEvent(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class LinkEvent:
     """An RTM_NEWLINK or RTM_DELLINK, as the monitor parsed it."""
     deleted: bool
     index: int
@@ -38,7 +41,7 @@ class LinkEvent(NamedTuple):
 class Changes:
     """What one batch of link events asks the loop to do."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.tun_gone = False  # the tun was deleted: end the daemon
         self.bind_gone = False  # the bound interface was deleted
         self.rebind: int | None = None  # an interface of the bound name is back at this index
@@ -90,7 +93,7 @@ class Links:
         bound interface carries unfragmented (None: MTU unknown)."""
         return self.bind_mtu - IPV4_HEADER - self.overhead if self.bind_mtu else None
 
-    def update(self, events) -> Changes:
+    def update(self, events: Iterable[LinkEvent]) -> Changes:
         """Take link events in the order the kernel sent them."""
         ch = Changes()
         for ev in events:
@@ -112,7 +115,7 @@ class Links:
                 self._bind_mtu(ev.mtu, ch)
         return ch
 
-    def resync(self, present) -> Changes:
+    def resync(self, present: Iterable[LinkEvent]) -> Changes:
         """After lost events: *present* are the tun and the links of the bound
         name as they are now (LinkEvents, a deleted one for a missing tun)."""
         events = list(present)
