@@ -24,11 +24,12 @@ import ipaddress
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
+from typing import Final
 
 Peer = tuple[str, int]
 
 # refresh an entry's expiry at most this often (seconds), to keep RX cheap
-REFRESH_INTERVAL = 1.0
+REFRESH_INTERVAL: Final = 1.0
 
 
 class PoolError(ValueError):
@@ -119,9 +120,9 @@ class Entry:
 
 
 # reasons a new peer is refused
-FULL_POOL = "pool_full"
-FULL_STORE = "peers_full"
-NO_POOL = "no_pool"  # a peer of a family the store has no pool for
+FULL_POOL: Final = "pool_full"
+FULL_STORE: Final = "peers_full"
+NO_POOL: Final = "no_pool"  # a peer of a family the store has no pool for
 
 
 def peer_is_ipv6(peer: Peer) -> bool:
