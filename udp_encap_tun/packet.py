@@ -14,35 +14,42 @@ from __future__ import annotations
 
 import struct
 import zlib
+from typing import Final, TypeAlias
 
-IPV4_HEADER_LEN = 20
-TCP_HEADER_MIN = 20
-IPPROTO_TCP = 6
-DEFAULT_TTL = 64
-MAX_UDP_PAYLOAD = 65507  # 65535 - 20 (IPv4) - 8 (UDP)
+# Buffers as the data paths pass them (slices of a receive buffer, never copied for typing's
+# sake): ReadBuffer is only read, WriteBuffer is written in place.
+ReadBuffer: TypeAlias = bytes | bytearray | memoryview
+WriteBuffer: TypeAlias = bytearray | memoryview
+
+IPV4_HEADER_LEN: Final = 20
+TCP_HEADER_MIN: Final = 20
+IPPROTO_TCP: Final = 6
+DEFAULT_TTL: Final = 64
+MAX_UDP_PAYLOAD: Final = 65507  # 65535 - 20 (IPv4) - 8 (UDP)
 
 # TCP flag bits (byte 13 of the TCP header)
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
 
 # TX drop reasons (a packet read from the tun that does not go on the wire)
-TX_NOT_IPV4 = "not_ipv4"
-TX_IP_OPTIONS = "ip_options"
-TX_TRUNCATED = "truncated"
-TX_FRAGMENT = "fragment"
-TX_NOT_TCP = "not_tcp"
-TX_BAD_TCP_HEADER = "bad_tcp_header"
-TX_IPV6_EXTENSION_HEADER = "ipv6_extension_header"
+TX_NOT_IPV4: Final = "not_ipv4"
+TX_IP_OPTIONS: Final = "ip_options"
+TX_TRUNCATED: Final = "truncated"
+TX_FRAGMENT: Final = "fragment"
+TX_NOT_TCP: Final = "not_tcp"
+TX_BAD_TCP_HEADER: Final = "bad_tcp_header"
+TX_IPV6_EXTENSION_HEADER: Final = "ipv6_extension_header"
 
 # RX drop reasons (a datagram that cannot be a TCP segment)
-RX_TOO_SHORT = "too_short"
-RX_BAD_DATA_OFFSET = "bad_data_offset"
-RX_TOO_LONG = "too_long"
+RX_TOO_SHORT: Final = "too_short"
+RX_BAD_DATA_OFFSET: Final = "bad_data_offset"
+RX_TOO_LONG: Final = "too_long"
 
-_IP_HDR = struct.Struct("!BBHHHBBH4s4s")
+_IP_HDR: Final = struct.Struct("!BBHHHBBH4s4s")
 
 
-def ones_sum(data, initial: int = 0) -> int:
-    """Ones'-complement 16-bit sum of *data* (odd length padded with zero), folded, plus *initial*."""
+def ones_sum(data: ReadBuffer, initial: int = 0) -> int:
+    """Ones'-complement 16-bit sum of *data* (odd length padded with zero), folded, plus
+    *initial*."""
     n = len(data)
     value = int.from_bytes(data, "big")
     if n & 1:
@@ -55,7 +62,7 @@ def ones_sum(data, initial: int = 0) -> int:
     return (total & 0xFFFF) + (total >> 16)
 
 
-def checksum(data, initial: int = 0) -> int:
+def checksum(data: ReadBuffer, initial: int = 0) -> int:
     """Internet checksum (RFC 1071) of *data*, with *initial* a partial ones' sum."""
     return ~ones_sum(data, initial) & 0xFFFF
 
@@ -73,8 +80,8 @@ def fold(total: int) -> int:
 
 
 # the fixed 16-bit words of our IPv4 headers: version/IHL, DF, TTL/protocol
-_IP_FIXED_SUM = 0x4500 + 0x4000 + (DEFAULT_TTL << 8 | IPPROTO_TCP)
-_address_sums: dict = {}
+_IP_FIXED_SUM: Final = 0x4500 + 0x4000 + (DEFAULT_TTL << 8 | IPPROTO_TCP)
+_address_sums: dict[tuple[bytes, bytes], tuple[int, int]] = {}
 
 
 def address_sums(src: bytes, dst: bytes) -> tuple[int, int]:
@@ -92,7 +99,7 @@ def address_sums(src: bytes, dst: bytes) -> tuple[int, int]:
     return sums
 
 
-def classify_tx(packet, ipv6: bool = False) -> str | None:
+def classify_tx(packet: ReadBuffer, ipv6: bool = False) -> str | None:
     """Return None if *packet* (an IP packet read from the tun) can go on the
     wire, otherwise the reason it is dropped.  On success the TCP segment is
     ``packet[header_len(packet):packet_length(packet)]``.
@@ -122,7 +129,7 @@ def classify_tx(packet, ipv6: bool = False) -> str | None:
     return None
 
 
-def _classify_tx6(packet: bytes | bytearray | memoryview, n: int) -> str | None:
+def _classify_tx6(packet: ReadBuffer, n: int) -> str | None:
     """classify_tx for a packet whose version is 6: TCP right after the fixed
     header (no extension headers), lengths consistent with the buffer (which
     may be longer, as for IPv4's total length)."""
@@ -146,11 +153,11 @@ def _classify_tx6(packet: bytes | bytearray | memoryview, n: int) -> str | None:
     return None
 
 
-def total_length(packet) -> int:
+def total_length(packet: ReadBuffer) -> int:
     return (packet[2] << 8) | packet[3]
 
 
-def classify_rx(segment) -> str | None:
+def classify_rx(segment: ReadBuffer) -> str | None:
     """Return None if *segment* (a UDP payload) can be a TCP segment, else the drop reason."""
     n = len(segment)
     if n < TCP_HEADER_MIN:
@@ -163,7 +170,7 @@ def classify_rx(segment) -> str | None:
     return None
 
 
-def write_ipv4_header(buf, offset: int, total_len: int, ident: int, src: bytes,
+def write_ipv4_header(buf: WriteBuffer, offset: int, total_len: int, ident: int, src: bytes,
                       dst: bytes) -> None:
     """Write a 20-byte IPv4 header for a TCP packet (TTL 64, DF) with a correct
     checksum, added up from the cached address part."""
@@ -173,7 +180,8 @@ def write_ipv4_header(buf, offset: int, total_len: int, ident: int, src: bytes,
                       IPPROTO_TCP, csum, src, dst)
 
 
-def fill_tcp_checksum(buf, offset: int, length: int, src: bytes, dst: bytes) -> None:
+def fill_tcp_checksum(buf: WriteBuffer, offset: int, length: int, src: bytes,
+                      dst: bytes) -> None:
     """Compute the full TCP checksum of ``buf[offset:offset+length]`` for the
     pseudo-header (src, dst) and store it in the segment."""
     buf[offset + 16] = 0
@@ -183,7 +191,7 @@ def fill_tcp_checksum(buf, offset: int, length: int, src: bytes, dst: bytes) -> 
     buf[offset + 17] = csum & 0xFF
 
 
-def tcp_checksum_ok(packet: bytes | bytearray | memoryview) -> bool:
+def tcp_checksum_ok(packet: ReadBuffer) -> bool:
     """True if the TCP checksum of an IPv4 packet (20-byte header) or an IPv6
     packet (40-byte header, TCP next) verifies."""
     hlen = header_len(packet)
@@ -207,7 +215,7 @@ def build_rx_packet(buf: bytearray, seg_len: int, ident: int, src: bytes, dst: b
     write_ipv4_header(buf, offset, IPV4_HEADER_LEN + seg_len, ident, src, dst)
 
 
-def clamp_mss(segment, mss_max: int) -> bool:
+def clamp_mss(segment: WriteBuffer, mss_max: int) -> bool:
     """Lower the MSS option of a TCP SYN segment (writable buffer starting at
     the TCP header) to *mss_max*.  True if it changed.  The TCP checksum is
     not touched: the receiving end recomputes it (see build_rx_packet), and on
