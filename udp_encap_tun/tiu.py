@@ -26,22 +26,31 @@ Segments with URG set are not converted (the eBPF peer sends those as plain TCP)
 from __future__ import annotations
 
 import struct
+from typing import Final
 
-from .packet import IPV4_HEADER_LEN, TCP_HEADER_MIN, URG, checksum, fold
+from .packet import (
+    IPV4_HEADER_LEN,
+    TCP_HEADER_MIN,
+    URG,
+    ReadBuffer,
+    WriteBuffer,
+    checksum,
+    fold,
+)
 
-UDP_HEADER_LEN = 8
-IPPROTO_UDP = 17
-IPPROTO_TCP = 6
-PROTO_DELTA = IPPROTO_UDP - IPPROTO_TCP  # the pseudo-header's protocol word, 6 -> 17
-WIRE_FLAGS = 1  # offset of the TCP flags byte in the wire payload (13 in the TCP header)
-WIRE_MIN = TCP_HEADER_MIN - UDP_HEADER_LEN  # 12: the shortest wire payload
+UDP_HEADER_LEN: Final = 8
+IPPROTO_UDP: Final = 17
+IPPROTO_TCP: Final = 6
+PROTO_DELTA: Final = IPPROTO_UDP - IPPROTO_TCP  # the pseudo-header's protocol word, 6 -> 17
+WIRE_FLAGS: Final = 1  # offset of the TCP flags byte in the wire payload (13 in the TCP header)
+WIRE_MIN: Final = TCP_HEADER_MIN - UDP_HEADER_LEN  # 12: the shortest wire payload
 
 # RX drop reasons (wire payloads that cannot be a segment) beside packet.py's
-RX_URGENT = "urgent"
-TX_URGENT = "urgent"
+RX_URGENT: Final = "urgent"
+TX_URGENT: Final = "urgent"
 
-_U16 = struct.Struct("!H")
-_ZERO4 = bytes(4)
+_U16: Final = struct.Struct("!H")
+_ZERO4: Final = bytes(4)
 
 
 def _add(a: int, b: int) -> int:
@@ -70,19 +79,19 @@ def tcp_checksum_from_udp(udp_check: int, length: int) -> int:
 # ------------------------------------------------------------------ segment -> wire
 
 
-def wire_header(tcp_header) -> bytes:
+def wire_header(tcp_header: ReadBuffer) -> bytes:
     """The wire payload's header (12 bytes + options) for a TCP header."""
     return bytes(tcp_header[12:16]) + bytes(tcp_header[4:12]) + bytes(tcp_header[20:])
 
 
-def encode_payload(segment) -> bytes:
+def encode_payload(segment: ReadBuffer) -> bytes:
     """The wire payload (UDP payload) of a TCP segment: data offset/flags/window,
     seq, ack, options and payload.  The caller has refused URG segments."""
     mv = memoryview(segment)
-    return bytes().join((mv[12:16], mv[4:12], mv[20:]))
+    return b"".join((mv[12:16], mv[4:12], mv[20:]))
 
 
-def encode(segment) -> bytes:
+def encode(segment: ReadBuffer) -> bytes:
     """The whole UDP datagram (header included) for a TCP segment, with the UDP
     checksum derived from the TCP one (what the eBPF encapsulation writes).
     Raises ValueError for URG segments."""
@@ -98,7 +107,7 @@ def encode(segment) -> bytes:
 # ------------------------------------------------------------------ wire -> segment
 
 
-def decode(datagram) -> bytes:
+def decode(datagram: ReadBuffer) -> bytes:
     """The TCP segment for a whole UDP datagram (header included), with the
     TCP checksum derived from the UDP one."""
     length = len(datagram)
@@ -108,14 +117,14 @@ def decode(datagram) -> bytes:
     return bytes(seg)
 
 
-def decode_payload(payload, ports: bytes) -> bytearray:
+def decode_payload(payload: ReadBuffer, ports: bytes) -> bytearray:
     """The TCP segment (check field zero) for a wire payload and the 4 bytes of
     UDP source and destination port."""
     mv = memoryview(payload)
     return bytearray().join((ports, mv[4:12], mv[0:4], _ZERO4, mv[12:]))
 
 
-def classify_payload(payload) -> str | None:
+def classify_payload(payload: ReadBuffer) -> str | None:
     """None if a wire payload can become a TCP segment, else the drop reason
     (the default mode's names where they apply, ``urgent`` for URG)."""
     n = len(payload)
@@ -131,7 +140,7 @@ def classify_payload(payload) -> str | None:
     return None
 
 
-def decode_in_place(buf, start: int, n: int, ports: bytes) -> None:
+def decode_in_place(buf: WriteBuffer, start: int, n: int, ports: bytes) -> None:
     """The wire payload ``buf[start+8:start+8+n]`` becomes the TCP segment
     ``buf[start:start+8+n]`` (check field zero): seq and ack move down, the
     data offset/flags/window word moves behind them, ports and zeros go in
@@ -146,7 +155,7 @@ def decode_in_place(buf, start: int, n: int, ports: bytes) -> None:
 # ------------------------------------------------------------------ IPv4 packets
 
 
-def ipv4_segment_to_datagram(packet) -> bytes:
+def ipv4_segment_to_datagram(packet: ReadBuffer) -> bytes:
     """An IPv4 TCP packet (20-byte header) as the eBPF encapsulation turns it
     into an IPv4 UDP packet: ID, TTL, DF and length kept, protocol and header
     checksum changed."""
@@ -154,13 +163,13 @@ def ipv4_segment_to_datagram(packet) -> bytes:
     return _ipv4_with(packet, IPPROTO_UDP) + encode(memoryview(packet)[IPV4_HEADER_LEN:total])
 
 
-def ipv4_datagram_to_segment(packet) -> bytes:
+def ipv4_datagram_to_segment(packet: ReadBuffer) -> bytes:
     """The reverse of ipv4_segment_to_datagram."""
     total = (packet[2] << 8) | packet[3]
     return _ipv4_with(packet, IPPROTO_TCP) + decode(memoryview(packet)[IPV4_HEADER_LEN:total])
 
 
-def _ipv4_with(packet, proto: int) -> bytes:
+def _ipv4_with(packet: ReadBuffer, proto: int) -> bytes:
     hdr = bytearray(packet[:IPV4_HEADER_LEN])
     hdr[9] = proto
     hdr[10:12] = b"\0\0"
