@@ -25,8 +25,10 @@ pseudo-header sum and the vnet header asks the kernel to finish it
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Sequence
 from itertools import islice, repeat
 from operator import getitem
+from typing import Any, Final, final
 
 from .packet import (
     ACK,
@@ -36,6 +38,7 @@ from .packet import (
     IPV6_HEADER_LEN,
     MAX_UDP_PAYLOAD,
     PSH,
+    ReadBuffer,
     address_sums,
     build_rx_packet6,
     flow_label,
@@ -45,42 +48,43 @@ from .packet import (
 )
 from .tiu import UDP_HEADER_LEN, decode_payload, encode_payload, wire_header
 
-VNET_HDR = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
-VNET_HDR_LEN = 10
+# flags, gso_type, hdr_len, gso_size, csum_start, csum_offset
+VNET_HDR: Final = struct.Struct("=BBHHHH")
+VNET_HDR_LEN: Final = 10
 assert VNET_HDR.size == VNET_HDR_LEN
 
 NEEDS_CSUM, DATA_VALID = 1, 2
 GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_ECN = 0, 1, 4, 0x80
-UDP_MAX_SEGMENTS = 64
+UDP_MAX_SEGMENTS: Final = 64
 
-MAX_IP_PACKET = 0xFFFF
-TCP_CSUM_OFFSET = 16  # offset of the check field in the TCP header
+MAX_IP_PACKET: Final = 0xFFFF
+TCP_CSUM_OFFSET: Final = 16  # offset of the check field in the TCP header
 
-_SEQ_MASK = 0xFFFFFFFF
-_U32 = struct.Struct("!I")
-_U16 = struct.Struct("!H")
+_SEQ_MASK: Final = 0xFFFFFFFF
+_U32: Final = struct.Struct("!I")
+_U16: Final = struct.Struct("!H")
 # ports (as one u32), seq, ack, data offset byte, flags, window, check, urgent pointer
-_TCP_HDR = struct.Struct("!IIIBBHHH")
+_TCP_HDR: Final = struct.Struct("!IIIBBHHH")
 
 # Flags of the middle pieces of a split super-packet: FIN/PSH go on the last
 # piece only, CWR on the first only.
-_MID_MASK = ~(FIN | PSH | CWR) & 0xFF
-_FIRST_MASK = ~(FIN | PSH) & 0xFF
-_LAST_MASK = ~CWR & 0xFF
+_MID_MASK: Final = ~(FIN | PSH | CWR) & 0xFF
+_FIRST_MASK: Final = ~(FIN | PSH) & 0xFF
+_LAST_MASK: Final = ~CWR & 0xFF
 
 # Room for the vnet header + IPv4 header, written in place after the join.
-_PREFIX = bytes(VNET_HDR_LEN + IPV4_HEADER_LEN)
-_TCP_OFF = VNET_HDR_LEN + IPV4_HEADER_LEN  # offset of the TCP header in a tun buffer
-_PREFIX6 = bytes(VNET_HDR_LEN + IPV6_HEADER_LEN)  # the same for IPv6
-_TCP_OFF6 = VNET_HDR_LEN + IPV6_HEADER_LEN
-_ACK_BYTE = bytes([ACK])
-_ACK_PSH_BYTE = bytes([ACK | PSH])
+_PREFIX: Final = bytes(VNET_HDR_LEN + IPV4_HEADER_LEN)
+_TCP_OFF: Final = VNET_HDR_LEN + IPV4_HEADER_LEN  # offset of the TCP header in a tun buffer
+_PREFIX6: Final = bytes(VNET_HDR_LEN + IPV6_HEADER_LEN)  # the same for IPv6
+_TCP_OFF6: Final = VNET_HDR_LEN + IPV6_HEADER_LEN
+_ACK_BYTE: Final = bytes([ACK])
+_ACK_PSH_BYTE: Final = bytes([ACK | PSH])
 
-_pack_vnet_into = VNET_HDR.pack_into
-_pack_u16_into = _U16.pack_into
-_unpack_tcp = _TCP_HDR.unpack_from
+_pack_vnet_into: Final = VNET_HDR.pack_into
+_pack_u16_into: Final = _U16.pack_into
+_unpack_tcp: Final = _TCP_HDR.unpack_from
 
-_seq_structs: dict = {}
+_seq_structs: dict[int, struct.Struct] = {}
 
 
 def _seq_struct(n: int) -> struct.Struct:
@@ -94,8 +98,9 @@ def _seq_struct(n: int) -> struct.Struct:
 # --------------------------------------------------------------------------- TX
 
 
-def tso_split(packet, gso_size: int, max_segments: int = UDP_MAX_SEGMENTS,
-              max_bytes: int = MAX_UDP_PAYLOAD, tiu: bool = False) -> list[tuple[object, int]]:
+def tso_split(packet: ReadBuffer, gso_size: int, max_segments: int = UDP_MAX_SEGMENTS,
+              max_bytes: int = MAX_UDP_PAYLOAD,
+              tiu: bool = False) -> Sequence[tuple[ReadBuffer, int]]:
     """Cut a TCP super-packet into ``UDP_SEGMENT`` batches.
 
     *packet* is an IPv4 packet (20-byte header) or an IPv6 packet (40-byte
@@ -141,19 +146,19 @@ def tso_split(packet, gso_size: int, max_segments: int = UDP_MAX_SEGMENTS,
         raise ValueError(f"segment of {seg_size} bytes exceeds max_bytes={max_bytes}")
 
     flags = tcp[13]
-    hdr = bytearray(tcp[:doff])
-    hdr[13] = flags & _MID_MASK
-    hdr = wire_header(hdr) if tiu else bytes(hdr)
+    head = bytearray(tcp[:doff])
+    head[13] = flags & _MID_MASK
+    hdr = wire_header(head) if tiu else bytes(head)
     seq0 = _U32.unpack_from(tcp, 4)[0]
     payload = tcp[doff:]
     nseg = -(-plen // gso_size)
 
-    batches = []
+    batches: list[tuple[bytearray, int]] = []
     batch_bytes = per_batch * gso_size  # payload bytes per full batch
     for pstart in range(0, plen, batch_bytes):
         pend = min(pstart + batch_bytes, plen)
         n = -(-(pend - pstart) // gso_size)
-        parts = [hdr] * (2 * n)
+        parts: list[bytes | memoryview] = [hdr] * (2 * n)
         parts[1::2] = [payload[o:o + gso_size] for o in range(pstart, pend, gso_size)]
         buf = bytearray().join(parts)
         # Sequence numbers: pack them all at once, then scatter byte i of every
@@ -177,7 +182,8 @@ def tso_split(packet, gso_size: int, max_segments: int = UDP_MAX_SEGMENTS,
     return batches
 
 
-def recut(data, size: int, max_size: int, tiu: bool = False) -> list[tuple[object, int]]:
+def recut(data: ReadBuffer, size: int, max_size: int,
+          tiu: bool = False) -> list[tuple[ReadBuffer, int]]:
     """The wire segments of one batch (*data*: segments of *size* bytes, the
     last one shorter or equal) cut again so that none exceeds *max_size* bytes,
     as batches for send_batches.  A segment that fits is kept as it is; one that
@@ -185,9 +191,9 @@ def recut(data, size: int, max_size: int, tiu: bool = False) -> list[tuple[objec
     sequence numbers and flags as tso_split sets them.  With *tiu* the segments
     are TCP-in-UDP wire payloads (tiu.py), and so are the pieces."""
     mv = data if type(data) is memoryview else memoryview(data)
-    out = []
+    out: list[tuple[ReadBuffer, int]] = []
     for off in range(0, len(mv), size):
-        seg = mv[off:off + size]
+        seg: ReadBuffer = mv[off:off + size]
         n = len(seg)
         if n <= max_size:
             out.append((seg, n))
@@ -207,7 +213,7 @@ def recut(data, size: int, max_size: int, tiu: bool = False) -> list[tuple[objec
 # --------------------------------------------------------------------------- RX
 
 
-def split_gro(buf, length: int, seg_size: int) -> list:
+def split_gro(buf: ReadBuffer, length: int, seg_size: int) -> list[memoryview]:
     """Cut a ``UDP_GRO`` receive buffer ``buf[:length]`` into datagrams of
     *seg_size* bytes (the last may be shorter); memoryview slices, no copy."""
     if length <= 0:
@@ -218,7 +224,7 @@ def split_gro(buf, length: int, seg_size: int) -> list:
     return [mv[o:o + seg_size] for o in range(0, length, seg_size)]
 
 
-_run_structs: dict = {}
+_run_structs: dict[int, struct.Struct] = {}
 
 
 def _run_struct(doff: int) -> struct.Struct:
@@ -232,13 +238,15 @@ def _run_struct(doff: int) -> struct.Struct:
     return st
 
 
+@final
 class _Run:
     """In-order data segments of one flow being merged into a super-packet."""
 
     __slots__ = ("segs", "doff", "gso", "plen", "max_plen", "next_seq", "mid", "mid_psh",
                  "tail", "unpack", "push")
 
-    def __init__(self, seg, doff, plen, seq, ip_hlen=IPV4_HEADER_LEN):
+    def __init__(self, seg: ReadBuffer, doff: int, plen: int, seq: int,
+                 ip_hlen: int = IPV4_HEADER_LEN) -> None:
         self.segs = [seg]  # whole segments; the payloads are sliced out when building
         self.doff = doff
         self.gso = plen
@@ -255,10 +263,10 @@ class _Run:
         self.mid = ack_doff + _ACK_BYTE + win
         self.mid_psh = ack_doff + _ACK_PSH_BYTE + win
         self.tail = bytes(seg[18:doff])
-        self.push = False
+        self.push: int = False  # flags & PSH of the run's last segment (PSH or 0)
 
 
-def wire_size(buf) -> tuple[int, int]:
+def wire_size(buf: ReadBuffer) -> tuple[int, int]:
     """(segments, bytes) on the wire of a tun buffer that coalesce made (either family)."""
     _, gso_type, hdr_len, gso_size, _, _ = VNET_HDR.unpack_from(buf, 0)
     payload = len(buf) - VNET_HDR_LEN - hdr_len
@@ -267,7 +275,8 @@ def wire_size(buf) -> tuple[int, int]:
     return count, payload + count * (hdr_len - ip_hlen)
 
 
-def _single(seg, doff, base, src, dst, ident) -> bytearray:
+def _single(seg: ReadBuffer, doff: int, base: int, src: bytes, dst: bytes,
+            ident: int) -> bytearray:
     out = bytearray().join((_PREFIX, seg))
     tcp_len = len(seg)
     _pack_vnet_into(out, 0, NEEDS_CSUM, GSO_NONE, IPV4_HEADER_LEN + doff, 0,
@@ -277,7 +286,7 @@ def _single(seg, doff, base, src, dst, ident) -> bytearray:
     return out
 
 
-def _single6(seg: bytes | bytearray | memoryview, doff: int, base: int, src: bytes, dst: bytes,
+def _single6(seg: ReadBuffer, doff: int, base: int, src: bytes, dst: bytes,
              ident: int) -> bytearray:
     """_single for IPv6 (*base*, *ident* unused): the packet written complete,
     full TCP checksum, no offload asked of the kernel."""
@@ -287,7 +296,13 @@ def _single6(seg: bytes | bytearray | memoryview, doff: int, base: int, src: byt
     return out
 
 
-def coalesce(segments, src: bytes, dst: bytes, next_ident) -> list:
+def _fast_path_off(*_args: object) -> Any:
+    """What coalesce's fast path calls until it has a run (never: c_full is -1 until then)."""
+    raise AssertionError("coalesce: fast path taken without a run")
+
+
+def coalesce(segments: Sequence[ReadBuffer], src: bytes, dst: bytes,
+             next_ident: Callable[[], int]) -> list[bytearray]:
     """Turn received TCP segments (all from one UDP peer, validated, in
     arrival order) into tun write buffers (vnet header + IPv4 + TCP, or
     IPv6 + TCP when *src* and *dst* are 16-byte addresses).
@@ -312,17 +327,21 @@ def coalesce(segments, src: bytes, dst: bytes, next_ident) -> list:
         seg = segments[0]
         if v6:
             return [_single6(seg, (seg[12] >> 4) << 2, 0, src, dst, 0)]
-        return [_single(seg, (seg[12] >> 4) << 2, address_sums(src, dst)[1], src, dst, next_ident())]
+        return [_single(seg, (seg[12] >> 4) << 2, address_sums(src, dst)[1], src, dst,
+                        next_ident())]
     ip_hlen = IPV6_HEADER_LEN if v6 else IPV4_HEADER_LEN
-    items: list = []  # _Run for data runs, (segment, doff) for singles
-    open_runs: dict = {}  # ports -> _Run that may still grow
+    items: list[_Run | tuple[ReadBuffer, int]] = []  # _Run for data runs, (segment, doff)
+    open_runs: dict[int, _Run] = {}  # ports -> _Run that may still grow
 
     # The run that the last segment went to, unpacked into locals: the fast
     # path below handles a full-size, ACK-only, in-order segment of that flow.
-    cur = None
+    cur: _Run | None = None
     c_full = -1  # doff + gso of cur; -1 disables the fast path
     c_ports = c_next = c_len = c_limit = c_gso = 0
-    c_mid = c_tail = c_unpack = c_append = None
+    c_mid: bytes | None = None
+    c_tail: bytes | None = None
+    c_unpack: Callable[[ReadBuffer, int], tuple[Any, ...]] = _fast_path_off
+    c_append: Callable[[ReadBuffer], None] = _fast_path_off
 
     for seg in segments:
         if len(seg) == c_full:
@@ -387,12 +406,12 @@ def coalesce(segments, src: bytes, dst: bytes, next_ident) -> list:
         cur.plen = c_len
 
     base = address_sums(src, dst)[1]
-    out = []
+    out: list[bytearray] = []
     append = out.append
     single, prefix, tcp_off = (_single6, _PREFIX6, _TCP_OFF6) if v6 else (_single, _PREFIX,
                                                                            _TCP_OFF)
     for item in items:
-        if type(item) is tuple:
+        if type(item) is not _Run:
             append(single(item[0], item[1], base, src, dst, 0 if v6 else next_ident()))
             continue
         segs = item.segs
@@ -400,8 +419,10 @@ def coalesce(segments, src: bytes, dst: bytes, next_ident) -> list:
         if len(segs) == 1:
             append(single(segs[0], doff, base, src, dst, 0 if v6 else next_ident()))
             continue
+        # typeshed: operator.getitem of a slice is a Sequence (here a memoryview, a buffer),
+        # and map() cannot infer memoryview's item type parameter from its constructor
         buf = bytearray().join([prefix, segs[0],
-                                *map(getitem, map(memoryview, islice(segs, 1, None)),
+                                *map(getitem, map(memoryview, islice(segs, 1, None)),  # type: ignore[arg-type, list-item]
                                      repeat(slice(doff, None)))])
         tcp_len = doff + item.plen
         if v6:
@@ -423,11 +444,11 @@ def coalesce(segments, src: bytes, dst: bytes, next_ident) -> list:
 
 # --------------------------------------------------------------------------- RX, TCP-in-UDP
 
-_WIRE_SEQ = struct.Struct("!I")
+_WIRE_SEQ: Final = struct.Struct("!I")
 
 
-def coalesce_wire_gro(buf, length: int, seg_size: int, ports: bytes, src: bytes, dst: bytes,
-                      ident: int):
+def coalesce_wire_gro(buf: ReadBuffer, length: int, seg_size: int, ports: bytes, src: bytes,
+                      dst: bytes, ident: int) -> bytearray | None:
     """The TCP-in-UDP receive fast path: a ``UDP_GRO`` buffer ``buf[:length]`` of
     wire payloads (tiu.py) that are one in-order run of a flow - equal headers
     but for the sequence number, ACK only (PSH allowed on the last), equal
