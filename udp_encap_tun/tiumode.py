@@ -27,27 +27,32 @@ import ipaddress
 import logging
 import struct
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
 
 from . import auth
 from .core import Counters, Router, Warnings
-from .packet import classify_tx
+from .packet import ReadBuffer, classify_tx
+
+if TYPE_CHECKING:
+    import socket
 
 log = logging.getLogger(__name__)
 
-MAX_PORTS = 4096  # listen or endpoint ports at most (server: one socket each)
-REFRESH_INTERVAL = 1.0  # a flow moves in the expiry order at most this often
-_PORTS = struct.Struct("!HH")
+MAX_PORTS: Final = 4096  # listen or endpoint ports at most (server: one socket each)
+REFRESH_INTERVAL: Final = 1.0  # a flow moves in the expiry order at most this often
+_PORTS: Final = struct.Struct("!HH")
 
 
 class PortRangeError(ValueError):
     pass
 
 
-def parse_port_ranges(items) -> list[tuple[int, int]]:
+def parse_port_ranges(items: Iterable[str | int]) -> list[tuple[int, int]]:
     """'5000', '32768-33279', ints, or several of them separated by commas ->
     merged, sorted inclusive ranges.  Raises PortRangeError with a one-line reason."""
-    ranges = []
+    ranges: list[tuple[int, int]] = []
     for item in items:
         for part in str(item).replace(",", " ").split():
             lo, sep, hi = part.partition("-")
@@ -60,19 +65,19 @@ def parse_port_ranges(items) -> list[tuple[int, int]]:
             ranges.append((lo_i, hi_i))
     ranges.sort()
     merged: list[list[int]] = []
-    for lo, hi in ranges:
-        if merged and lo <= merged[-1][1] + 1:
-            merged[-1][1] = max(merged[-1][1], hi)
+    for first, last in ranges:
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], last)
         else:
-            merged.append([lo, hi])
-    return [(lo, hi) for lo, hi in merged]
+            merged.append([first, last])
+    return [(first, last) for first, last in merged]
 
 
-def count_ports(ranges) -> int:
+def count_ports(ranges: Iterable[tuple[int, int]]) -> int:
     return sum(hi - lo + 1 for lo, hi in ranges)
 
 
-def format_ranges(ranges) -> str:
+def format_ranges(ranges: Iterable[tuple[int, int]]) -> str:
     return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
 
 
@@ -82,7 +87,7 @@ class Flow:
     created: float
     last: float  # its last packet
     moved: float = 0.0  # when it last moved to the end of TiuRouter.order
-    sock: object = None  # client: the flow's UDP socket (the I/O edge's)
+    sock: socket.socket | None = None  # client: the flow's UDP socket (the I/O edge's)
     dest: object = None  # client: where its packets go, as the I/O edge sends them
     rx_packets: int = 0
     rx_bytes: int = 0
@@ -115,8 +120,8 @@ class TiuRouter:
     holds = False  # nothing waits for authentication
     store = None
 
-    def __init__(self, client: bool, ports, timeout: float = 300.0, max_flows: int = 65536,
-                 admission_rate: float = 100.0):
+    def __init__(self, client: bool, ports: Iterable[tuple[int, int]], timeout: float = 300.0,
+                 max_flows: int = 65536, admission_rate: float = 100.0) -> None:
         self.client = client
         self.ranges = list(ports)
         self.ports = frozenset(p for lo, hi in self.ranges for p in range(lo, hi + 1))
@@ -126,14 +131,16 @@ class TiuRouter:
         self.order: OrderedDict[bytes, Flow] = OrderedDict()  # the same, by last move
         self.refresh = min(REFRESH_INTERVAL, timeout / 4)
         self.counters = Counters()
-        self.outbox: list = []
+        # (destination, batches) the loop sends (Router's interface): never any in this mode
+        self.outbox: list[tuple[tuple[str, int], Sequence[tuple[ReadBuffer, int]]]] = []
         self.admission = auth.TokenBucket(admission_rate, max(1.0, admission_rate))
         self.ident = 0
-        self.tun_address = None
+        self.tun_address: bytes | None = None
         self.warnings = Warnings()
 
     # the loop's Router interface
-    def set_tun_address(self, address, network) -> None:
+    def set_tun_address(self, address: bytes | None,
+                        network: ipaddress.IPv4Network | None) -> None:
         self.tun_address = address  # not used: segments carry the real addresses
 
     def next_ident(self) -> int:
@@ -143,14 +150,15 @@ class TiuRouter:
     def tick(self, now: float) -> None:
         pass
 
-    # the default mode's rate-limited warnings, send-error and data accounting
-    warn = Router.warn
-    count_rarely_logged = Router.count_rarely_logged
-    send_failed = Router.send_failed
-    sent_data = Router.sent_data
-    received = Router.received
+    # the default mode's rate-limited warnings, send-error and data accounting: Router's own
+    # functions, which use only counters and warnings (typed as callables: their self is a Router)
+    warn: Callable[..., bool] = Router.warn
+    count_rarely_logged: Callable[..., None] = Router.count_rarely_logged
+    send_failed: Callable[..., str] = Router.send_failed
+    sent_data: Callable[..., None] = Router.sent_data
+    received: Callable[..., None] = Router.received
 
-    def tx(self, packet, now: float) -> tuple[Flow, Flow] | None:
+    def tx(self, packet: ReadBuffer, now: float) -> tuple[Flow, Flow] | None:
         """A packet read from the tun: (its flow, the flow to count on), or None
         if it is dropped (counted).  The UDP edge sends to the flow."""
         reason = classify_tx(packet)
@@ -173,13 +181,14 @@ class TiuRouter:
         self.counters["flows_added"] += 1
         return flow
 
-    def tx_flow(self, packet, now: float) -> Flow | None:
+    def tx_flow(self, packet: ReadBuffer, now: float) -> Flow | None:
         """The flow of an IPv4 TCP packet read from the tun (validated), or None
         (counted): not to/from one of our ports, URG, or no room for a new flow."""
         if packet[33] & 0x20:  # URG: the eBPF peer sends those as plain TCP; we cannot
             self.counters["tx_drop_urgent"] += 1
             return None
-        ports = (packet[20] << 8 | packet[21]) if not self.client else (packet[22] << 8 | packet[23])
+        ports = ((packet[20] << 8 | packet[21]) if not self.client
+                 else (packet[22] << 8 | packet[23]))
         if ports not in self.ports:
             self.counters["tx_drop_not_tunnelled_port"] += 1
             return None
