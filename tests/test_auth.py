@@ -99,6 +99,18 @@ def test_server_keeps_no_state_per_hello():
     assert len(server.secrets) <= 2
 
 
+def test_hello_after_the_clock_went_back_a_secret_epoch_is_refused_not_a_crash():
+    """Past secrets are never made again: a HELLO at a time before the newest
+    secret's epoch (an injected clock that went back) gets no cookie, and no
+    reply, instead of a TypeError."""
+    server = auth.ServerAuth(auth.Keys(KEY))
+    hello = auth.parse(auth.header(auth.HELLO) + bytes(80))
+    late = 100.0 + 2 * auth.SECRET_EPOCH * auth.WINDOW_SECONDS
+    assert server.on_control(*hello, CLIENT, late)[1] == "challenge_sent"
+    assert server.on_control(*hello, CLIENT, 100.0) == (None, "clock_went_back")
+    assert server.on_control(*hello, CLIENT, late)[1] == "challenge_sent"
+
+
 def test_handshake_is_rate_limited():
     server = auth.ServerAuth(auth.Keys(KEY), rate=10, burst=5)
     hello = auth.header(auth.HELLO) + bytes(80)

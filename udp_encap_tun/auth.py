@@ -35,50 +35,59 @@ import os
 import stat
 import struct
 from collections import OrderedDict, deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Final, TypeAlias
 
 from .errors import OperatorError
+from .packet import ReadBuffer
+from .store import Peer
 
-MAGIC = b"UETA"
-VERSION = 1
+MAGIC: Final = b"UETA"
+VERSION: Final = 1
 HELLO, CHALLENGE, RESPONSE, WELCOME, AUTH_REQUIRED = 1, 2, 3, 4, 5
-TYPE_NAMES = {HELLO: "hello", CHALLENGE: "challenge", RESPONSE: "response",
+TYPE_NAMES: Final = {HELLO: "hello", CHALLENGE: "challenge", RESPONSE: "response",
               WELCOME: "welcome", AUTH_REQUIRED: "auth_required"}
-HEADER = struct.Struct("!4sBB6xB3x")  # magic, version, type, marker (always 0)
-HEADER_LEN = HEADER.size  # 16
+HEADER: Final = struct.Struct("!4sBB6xB3x")  # magic, version, type, marker (always 0)
+HEADER_LEN: Final = HEADER.size  # 16
 NONCE_LEN = MAC_LEN = 16
-WINDOW = struct.Struct("!I")
-BODY_LEN = {
+WINDOW: Final = struct.Struct("!I")
+BODY_LEN: Final = {
     HELLO: NONCE_LEN,
     CHALLENGE: NONCE_LEN + 4 + MAC_LEN,
     RESPONSE: NONCE_LEN + 4 + MAC_LEN + MAC_LEN,
     WELCOME: NONCE_LEN + MAC_LEN,
     AUTH_REQUIRED: 0,
 }
-HELLO_SIZE = 96  # padded: the CHALLENGE it asks for is smaller (no amplification)
+HELLO_SIZE: Final = 96  # padded: the CHALLENGE it asks for is smaller (no amplification)
 
 # outcomes of on_control that are not failures
-SUCCESS = {"challenge_sent", "accepted", "response_sent", "authenticated", "auth_required"}
+SUCCESS: Final = {"challenge_sent", "accepted", "response_sent", "authenticated", "auth_required"}
 
-WINDOW_SECONDS = 10  # a cookie is good for 2 to 3 windows
-SECRET_EPOCH = 6  # windows per server secret (a minute); current and previous are kept
-MIN_PSK = 16
-QUEUE_LIMIT = 128  # client: packets held per server while authenticating
-HELLO_RETRY = 1.0  # client: seconds between HELLOs while no WELCOME came
-FAILING_AFTER = 10.0  # client: an attempt without WELCOME this long is "failing"
-RECENT_NONCES = 4  # client: a CHALLENGE to any of its last few HELLOs is answered
+WINDOW_SECONDS: Final = 10  # a cookie is good for 2 to 3 windows
+SECRET_EPOCH: Final = 6  # windows per server secret (a minute); current and previous are kept
+MIN_PSK: Final = 16
+QUEUE_LIMIT: Final = 128  # client: packets held per server while authenticating
+HELLO_RETRY: Final = 1.0  # client: seconds between HELLOs while no WELCOME came
+FAILING_AFTER: Final = 10.0  # client: an attempt without WELCOME this long is "failing"
+RECENT_NONCES: Final = 4  # client: a CHALLENGE to any of its last few HELLOs is answered
+
+# What a client holds for a server while authenticating: one packet's datagrams, as
+# (buffer, segment size) batches the loop sends.
+Held: TypeAlias = list[tuple[bytes, int]]
+Random: TypeAlias = Callable[[int], bytes]  # os.urandom, or a test's
 
 
 def header(kind: int) -> bytes:
     return HEADER.pack(MAGIC, VERSION, kind, 0)
 
 
-def is_control(datagram) -> bool:
+def is_control(datagram: ReadBuffer) -> bool:
     """Cheap test, for datagrams that failed the TCP check (data offset < 5)."""
     return len(datagram) >= HEADER_LEN and datagram[12] == 0 and datagram[:4] == MAGIC
 
 
-def parse(datagram):
+def parse(datagram: ReadBuffer) -> tuple[int, bytes] | None:
     """(type, body bytes) of a control message, or None.  Never raises."""
     if not is_control(datagram):
         return None
@@ -128,7 +137,7 @@ def load_psk(path: str) -> bytes:
 class Keys:
     """What both ends derive from the pre-shared key."""
 
-    def __init__(self, psk: bytes):
+    def __init__(self, psk: bytes) -> None:
         self.mac = _mac(psk, b"udp-encap-tun v1 mac")
         self.address = _mac(psk, b"udp-encap-tun v1 address pool")  # keys the address hash
 
@@ -140,9 +149,10 @@ class Keys:
 
 
 class TokenBucket:
-    def __init__(self, rate: float, burst: float):
+    def __init__(self, rate: float, burst: float) -> None:
         self.rate, self.burst = rate, burst
-        self.tokens, self.last = burst, None
+        self.tokens = burst
+        self.last: float | None = None
 
     def take(self, now: float) -> bool:
         if self.last is not None and now > self.last:
@@ -163,9 +173,9 @@ class SourceBuckets:
     tracked; beyond that the least recently seen is forgotten (and starts
     again with a full bucket)."""
 
-    def __init__(self, rate: float, burst: float, limit: int = 8192):
+    def __init__(self, rate: float, burst: float, limit: int = 8192) -> None:
         self.rate, self.burst, self.limit = rate, burst, limit
-        self.buckets: OrderedDict[str, list] = OrderedDict()  # prefix -> [tokens, last]
+        self.buckets: OrderedDict[str, list[float]] = OrderedDict()  # prefix -> [tokens, last]
 
     def take(self, host: str, now: float) -> bool:
         prefix = host.rpartition(".")[0]  # dotted quad: its /24
@@ -185,7 +195,7 @@ class SourceBuckets:
         return False
 
 
-def _peer_bytes(peer) -> bytes:
+def _peer_bytes(peer: Peer) -> bytes:
     host, port = peer
     return host.encode() + b"|" + port.to_bytes(2, "big")
 
@@ -195,7 +205,8 @@ class ServerAuth:
     None) and, for an accepted RESPONSE, sets ``accepted``; the caller admits
     the peer."""
 
-    def __init__(self, keys: Keys, rate: float = 100.0, burst: float = 200.0, random=os.urandom):
+    def __init__(self, keys: Keys, rate: float = 100.0, burst: float = 200.0,
+                 random: Random = os.urandom) -> None:
         """*rate* and *burst*: handshake messages handled per second per source /24
         (a tenth of that for AUTH_REQUIRED)."""
         self.keys = keys
@@ -215,13 +226,14 @@ class ServerAuth:
                 del self.secrets[old]
         return secret
 
-    def cookie(self, peer, window: int, nonce: bytes) -> bytes | None:
+    def cookie(self, peer: Peer, window: int, nonce: bytes) -> bytes | None:
         secret = self._secret(window // SECRET_EPOCH)
         if secret is None:
             return None
         return _mac(secret, WINDOW.pack(window), _peer_bytes(peer), nonce)
 
-    def on_control(self, kind: int, body: bytes, peer, now: float):
+    def on_control(self, kind: int, body: bytes, peer: Peer,
+                   now: float) -> tuple[bytes | None, str]:
         """(reply bytes or None, outcome) where outcome is a counter name suffix:
         'challenge_sent', 'accepted', or the reason it was refused."""
         if kind not in (HELLO, RESPONSE):
@@ -233,6 +245,8 @@ class ServerAuth:
         if kind == HELLO:
             window = WINDOW.pack(window_now)
             cookie = self.cookie(peer, window_now, nonce)
+            if cookie is None:  # *now* is a minute before a secret already made
+                return None, "clock_went_back"
             return header(CHALLENGE) + nonce + window + cookie, "challenge_sent"
         window = body[NONCE_LEN:NONCE_LEN + 4]
         cookie = body[NONCE_LEN + 4:NONCE_LEN + 4 + MAC_LEN]
@@ -247,7 +261,7 @@ class ServerAuth:
             return None, "bad_proof"  # does not know the key
         return header(WELCOME) + nonce + self.keys.confirm(cookie, nonce), "accepted"
 
-    def auth_required(self, peer, now: float) -> bytes | None:
+    def auth_required(self, peer: Peer, now: float) -> bytes | None:
         """Reply to data from a peer we do not know (it should authenticate again)."""
         return header(AUTH_REQUIRED) if self.auth_required_buckets.take(peer[0], now) else None
 
@@ -258,9 +272,9 @@ class Session:
     ok: bool = False
     # nonce -> cookie (b"" until its CHALLENGE came) of the last few HELLOs: a slow or
     # busy server's answer to an earlier HELLO still counts after a retry
-    pending: OrderedDict = field(default_factory=OrderedDict)
+    pending: OrderedDict[bytes, bytes] = field(default_factory=OrderedDict)
     next_hello: float = 0.0
-    queue: deque = field(default_factory=lambda: deque(maxlen=QUEUE_LIMIT))
+    queue: deque[Held] = field(default_factory=lambda: deque(maxlen=QUEUE_LIMIT))
     started: float | None = None  # first HELLO of the attempt under way (None: none)
     hellos: int = 0  # HELLOs sent in this attempt
     challenges: int = 0  # CHALLENGEs answered in this attempt
@@ -269,13 +283,13 @@ class Session:
 class ClientAuth:
     """Authenticates to each server before data goes there; holds a little data meanwhile."""
 
-    def __init__(self, keys: Keys, random=os.urandom):
+    def __init__(self, keys: Keys, random: Random = os.urandom) -> None:
         self.keys = keys
         self.random = random
-        self.sessions: dict = {}
-        self.ready: set = set()  # servers data may go to now (the hot path looks here)
+        self.sessions: dict[Peer, Session] = {}
+        self.ready: set[Peer] = set()  # servers data may go to now (the hot path looks here)
 
-    def hold(self, dest, item, now: float):
+    def hold(self, dest: Peer, item: Held, now: float) -> tuple[bytes | None, bool]:
         """Data for a server we are not authenticated to: keep *item* (bounded).
         Returns (HELLO to send or None, dropped: bool)."""
         session = self.sessions.get(dest)
@@ -301,7 +315,8 @@ class ClientAuth:
         msg = header(HELLO) + nonce
         return msg + bytes(HELLO_SIZE - len(msg))
 
-    def on_control(self, kind: int, body: bytes, peer, now: float):
+    def on_control(self, kind: int, body: bytes, peer: Peer,
+                   now: float) -> tuple[bytes | None, Sequence[Held], str]:
         """(reply or None, released data items, outcome)."""
         session = self.sessions.get(peer)
         if session is None:
@@ -333,7 +348,7 @@ class ClientAuth:
             return None, released, "authenticated"
         return None, (), "unexpected_" + TYPE_NAMES[kind]
 
-    def state(self, dest, now: float) -> str:
+    def state(self, dest: Peer, now: float) -> str:
         """'authenticated', 'pending' or 'failing' (an attempt, first or again
         after AUTH_REQUIRED, has gone FAILING_AFTER seconds without WELCOME)."""
         session = self.sessions.get(dest)
@@ -343,9 +358,9 @@ class ClientAuth:
             return "failing"
         return "authenticated" if session.ok else "pending"
 
-    def retries(self, now: float):
+    def retries(self, now: float) -> list[tuple[bytes | None, Peer]]:
         """HELLOs due for servers that still hold data or never answered."""
-        out = []
+        out: list[tuple[bytes | None, Peer]] = []
         for dest, session in self.sessions.items():
             if not session.ok and session.queue and now >= session.next_hello:
                 out.append((self._hello(session, now), dest))
