@@ -11,23 +11,34 @@ import os
 import signal
 import sys
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
+from typing import IO, TYPE_CHECKING, Any, Final
 
 import configargparse
 
 from . import __version__
-from .errors import LinkFault, OneLineErrors, OperatorError, interface_name_problem, positive, report
+from .errors import (
+    LinkFault,
+    OneLineErrors,
+    OperatorError,
+    interface_name_problem,
+    positive,
+    report,
+)
 from .faults import LINK_OVERHEAD, MAX_MTU, MIN_MTU, TIU_OVERHEAD, tun_mtu_for
 from .store import PoolError
 
+if TYPE_CHECKING:
+    from .service import Service
+
 log = logging.getLogger("udp_encap_tun")
 
-PROG = "udp-encap-tun"
-ENV_PREFIX = "UDP_ENCAP_TUN_"
+PROG: Final = "udp-encap-tun"
+ENV_PREFIX: Final = "UDP_ENCAP_TUN_"
 
 # Options that mean something in one mode only, by their dest: given (on the command
 # line, in the environment or in the config file) in the other mode, they are refused.
-MODE_OPTIONS = {
+MODE_OPTIONS: Final = {
     "server": ("address_pool", "address_key", "peer_timeout", "max_peers", "admission_rate"),
     "client": ("keepalive",),
 }
@@ -46,17 +57,17 @@ class ConfigFile(configargparse.DefaultConfigFileParser):
     a mistake names the file and line: a key that is no option (``listen_port``,
     ``peer-timout``), a line that is no setting, bytes that are not UTF-8."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.known: set[str] = set()  # filled in by build_parser
 
     @staticmethod
-    def open(path: str):
+    def open(path: str) -> IO[bytes]:
         return open(path, "rb")
 
-    def parse(self, stream):
+    def parse(self, stream: Iterable[bytes | str]) -> OrderedDict[str, configargparse.ConfigValue]:
         name = getattr(stream, "name", "config file")
-        items = OrderedDict()
+        items: OrderedDict[str, configargparse.ConfigValue] = OrderedDict()
         for number, raw in enumerate(stream, 1):
             where = f"{name} line {number}"
             try:
@@ -85,20 +96,30 @@ class ConfigFile(configargparse.DefaultConfigFileParser):
         return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _remembering(action_class):
-    """*action_class* that also records its dest in ``namespace.given``: an option
-    given on the command line, in the environment or in a config file (configargparse
-    turns the latter two into command-line arguments), not merely defaulted."""
-    class Remembering(action_class):
-        def __call__(self, parser, namespace, values, option_string=None):
-            super().__call__(parser, namespace, values, option_string)
-            namespace.__dict__.setdefault("given", set()).add(self.dest)
-    Remembering.__name__ = action_class.__name__
-    return Remembering
+def _given(namespace: argparse.Namespace, dest: str) -> None:
+    """Record *dest* in ``namespace.given``: an option given on the command line, in
+    the environment or in a config file (configargparse turns the latter two into
+    command-line arguments), not merely defaulted."""
+    namespace.__dict__.setdefault("given", set()).add(dest)
+
+
+class _Remembering(argparse.Action):
+    """Mixin in front of an argparse action class (see _remembering)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
+        super().__call__(parser, namespace, values, option_string)
+        _given(namespace, self.dest)
+
+
+def _remembering(action_class: type[argparse.Action]) -> type:
+    """*action_class* that also records its dest (see _given), under the same name:
+    configargparse tells flags and lists from other options by their action classes."""
+    return type(action_class.__name__, (_Remembering, action_class), {})
 
 
 class _Parser(OneLineErrors, configargparse.ArgParser):
-    def format_help(self):
+    def format_help(self) -> str:
         """argparse's help with the environment variable of each option, without
         configargparse's stock footer (the epilog says it in our words)."""
         for a in self._actions:
@@ -118,7 +139,7 @@ def _port(text: str) -> int:
 _port.__name__ = "port"
 
 
-def _port_spec(text: str):
+def _port_spec(text: str) -> int | str:
     """A port (int), or with --wire tcp-in-udp also ranges 'LOW-HIGH' and lists
     'A,B' (kept as text)."""
     if not any(c in str(text) for c in "-, "):
@@ -135,15 +156,16 @@ class _Ports(argparse._AppendAction):
     """--listen-port / --endpoint-port: the value in dest (one port: the default
     wire format), every value given in dest_all (tcp-in-udp: repeatable, ranges)."""
 
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: str | Sequence[Any] | None, option_string: str | None = None) -> None:
         setattr(namespace, self.dest + "_all", [*(getattr(namespace, self.dest + "_all", None)
                                                   or []), values])
         setattr(namespace, self.dest, values)
-        namespace.__dict__.setdefault("given", set()).add(self.dest)
+        _given(namespace, self.dest)
 
 
 # what the TCP-in-UDP format has no room for, refused with it
-NOT_IN_TIU = {
+NOT_IN_TIU: Final = {
     "psk_file": "the format has no room for control messages",
     "keepalive": "the TCP flows keep their NAT mappings themselves",
     "address_pool": "no generated addresses: TCP sees the real ones",
@@ -231,13 +253,13 @@ def _interface(text: str) -> str:
     return text
 
 
-USAGE = """%(prog)s --interface TUN --listen-port PORT --bind-to-interface DEV [options]
+USAGE: Final = """%(prog)s --interface TUN --listen-port PORT --bind-to-interface DEV [options]
        %(prog)s status [--interface TUN | --config FILE] [--json | --prometheus]"""
 
-EPILOG = ("Every option can also be set in the --config file (one \"option = value\" per line, "
-          "the option's name without --; flags take \"true\") or in the environment (the "
-          "[env: ...] name). The command line beats the environment, which beats the config "
-          "file.")
+EPILOG: Final = (
+    "Every option can also be set in the --config file (one \"option = value\" per line, "
+    "the option's name without --; flags take \"true\") or in the environment (the "
+    "[env: ...] name). The command line beats the environment, which beats the config file.")
 
 
 def build_parser() -> configargparse.ArgParser:
@@ -292,7 +314,8 @@ def build_parser() -> configargparse.ArgParser:
                         "peers keep their address across restarts; default: derived from "
                         "--psk-file, else a fixed key)")
     p.add_argument("--peer-timeout", type=positive(float), default=300.0, metavar="SECONDS",
-                   help="server: forget a peer this long after it was last heard from (default 300)")
+                   help="server: forget a peer this long after it was last heard from "
+                        "(default 300)")
     p.add_argument("--max-peers", type=positive(int), default=65536, metavar="N",
                    help="server: at most this many peers at once (default 65536)")
     p.add_argument("--psk-file", metavar="PATH",
@@ -324,12 +347,13 @@ def build_parser() -> configargparse.ArgParser:
     p.add_argument("--log-level", default="info",
                    choices=["debug", "info", "warning", "error"], help="default info")
     config_file.known = {key for a in p._actions
-                         if a.dest not in ("help", "version") and not a.is_config_file_arg
+                         if a.dest not in ("help", "version")
+                         and not getattr(a, "is_config_file_arg", False)  # configargparse's
                          for key in p.get_possible_config_keys(a)}
     return p
 
 
-def parse_args(argv) -> argparse.Namespace:
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """The options, checked: one that belongs to the other mode is refused."""
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -366,7 +390,7 @@ def parse_args(argv) -> argparse.Namespace:
     return args
 
 
-def tun_mtu(args, link: int) -> int:
+def tun_mtu(args: argparse.Namespace, link: int) -> int:
     """The tun MTU: --mtu, else what fits the link (its MTU minus what the wire adds
     to a segment: 8 on the default wire, 0 with --wire tcp-in-udp); warns if --mtu
     does not fit it."""
@@ -383,14 +407,15 @@ def tun_mtu(args, link: int) -> int:
                     "into segments that fit (counted tx_resegmented)%s", args.mtu,
                     args.bind_to_interface, link, overhead,
                     "" if tiu else "; the MSS clamp follows --mtu")
-    return args.mtu
+    explicit: int = args.mtu
+    return explicit
 
 
 class JournalFormatter(logging.Formatter):
     """For stderr connected to journald: a syslog priority prefix (<N>) instead of a
     timestamp, which the journal adds itself."""
 
-    PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+    PRIORITY: Final = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
                 logging.CRITICAL: 2}
 
     def format(self, record: logging.LogRecord) -> str:
@@ -408,13 +433,13 @@ def setup_logging(level: str) -> None:
         logging.getLogger(noisy).setLevel(max(logging.INFO, logging.root.level))
 
 
-def run(args) -> None:
+def run(args: argparse.Namespace) -> None:
     from .auth import Keys, load_psk
     from .conn import enable_icmp_errors, open_udp, probe_udp_offload
     from .core import Router
+    from .faults import Links
     from .loop import default_wire
     from .store import AddressPool
-    from .faults import Links
     from .tun import link_info, open_tun
 
     # SIGUSR1/SIGHUP ask for the counters: while the loop runs it logs them, before
@@ -466,12 +491,12 @@ def run(args) -> None:
         sock.close()
 
 
-def _services(args) -> list:
+def _services(args: argparse.Namespace) -> list[Service]:
     """Status and service-manager notification, for both wire formats."""
     from .notify import Notify
     from .status import StatusServer
 
-    services = []
+    services: list[Service] = []
     if not args.no_status:
         services.append(StatusServer(public=args.status_public))
     notify = Notify.from_environ()  # None unless $NOTIFY_SOCKET is set
@@ -480,7 +505,7 @@ def _services(args) -> list:
     return services
 
 
-def main(argv=None) -> int:
+def main(argv: Iterable[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["status"]:  # a query of a running tunnel: none of the daemon's options
         from .status import main as status_main
