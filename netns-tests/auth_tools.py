@@ -9,6 +9,7 @@ documentation / shared ranges 203.0.113.0/24 and 100.64.0.0/10.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -80,7 +81,8 @@ def tool_pid(tool) -> int:
 # --------------------------------------------------------------------------- handshake by hand
 
 
-def udp_socket(ns: Namespace, device: str, addr: str, port: int, timeout: float = 5.0) -> socket.socket:
+def udp_socket(ns: Namespace, device: str, addr: str, port: int,
+               timeout: float = 5.0) -> socket.socket:
     """A UDP socket in *ns*, bound to *device* and (addr, port)."""
     sock = ns.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
@@ -121,7 +123,8 @@ class HandDriven:
 
     def response_to(self, challenge_kind: int, body: bytes) -> bytes:
         assert challenge_kind == auth.CHALLENGE, auth.TYPE_NAMES.get(challenge_kind)
-        reply, _, outcome = self.client.on_control(challenge_kind, body, self.server, time.monotonic())
+        reply, _, outcome = self.client.on_control(challenge_kind, body, self.server,
+                                                   time.monotonic())
         assert outcome == "response_sent", outcome
         return reply
 
@@ -131,7 +134,7 @@ class HandDriven:
         return outcome
 
 
-# --------------------------------------------------------------------------- a long-lived TCP stream
+# ------------------------------------------------------------------ a long-lived TCP stream
 
 
 class Stream:
@@ -208,10 +211,8 @@ class Stream:
     def close(self) -> None:
         self._stop.set()
         for s in (self.csock, self.ssock):
-            try:
+            with contextlib.suppress(OSError):
                 s.close()
-            except OSError:
-                pass
 
 
 # --------------------------------------------------------------------------- spoofing
@@ -244,7 +245,8 @@ def flood_payloads(rng: random.Random, count: int, window: bytes, real_cookie: b
         if r < 0.35:
             kind, payload = "junk", rng.randbytes(rng.randrange(0, 200))
         elif r < 0.40:  # magic right, type unknown: a broken control message
-            kind, payload = "bad_control", auth.HEADER.pack(auth.MAGIC, auth.VERSION, 99, 0) + rng.randbytes(40)
+            kind = "bad_control"
+            payload = auth.HEADER.pack(auth.MAGIC, auth.VERSION, 99, 0) + rng.randbytes(40)
         elif r < 0.70:
             nonce = rng.randbytes(auth.NONCE_LEN)
             msg = auth.header(auth.HELLO) + nonce

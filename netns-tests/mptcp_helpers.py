@@ -4,11 +4,11 @@ transfer endpoint that runs inside the namespaces.
 
 The lab (``BondLab``)::
 
-    client ns "c"                      router ns "r"                 server ns "s"
-    wan0 10.77.1.2/24 ---veth--- rc0 10.77.1.1/24
-    wan1 10.77.2.2/24 ---veth--- rc1 10.77.2.1/24   rs 10.77.3.1/24 ---veth--- swan 10.77.3.2/24
-    tunA 10.9.1.2/32 (bound to wan0)                                 tunS 10.9.0.1/24 (bound to swan)
-    tunB 10.9.2.2/32 (bound to wan1)
+  client ns "c"                      router ns "r"                 server ns "s"
+  wan0 10.77.1.2/24 ---veth--- rc0 10.77.1.1/24
+  wan1 10.77.2.2/24 ---veth--- rc1 10.77.2.1/24   rs 10.77.3.1/24 ---veth--- swan 10.77.3.2/24
+  tunA 10.9.1.2/32 (bound to wan0)                                 tunS 10.9.0.1/24 (bound to swan)
+  tunB 10.9.2.2/32 (bound to wan1)
 
 The client's main table has a default route through wan0 only; wan1's gateway is
 given to scripts/bond-client (which then adds the oif rule for tunB's UDP socket).
@@ -32,6 +32,7 @@ SHA-256 back to the sender before closing, so the sender also reports ``match``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -95,7 +96,8 @@ def env_for_tools() -> dict:
     udp-encap-tun or the scripts behind the lab's back, the repository importable."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("UDP_ENCAP_TUN_", "BOND_")) and k != "JOURNAL_STREAM"}
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"]
+                                     if env.get("PYTHONPATH") else "")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
     return env
 
@@ -163,7 +165,7 @@ class BondLab:
             ns.sysctl("net.ipv4.conf.all.rp_filter", 2)
             ns.sysctl("net.ipv4.conf.default.rp_filter", 2)
         self.r.sysctl("net.ipv4.ip_forward", 1)
-        for (wan, wan_cidr, rif, r_cidr, _tun, _addr), mtu in zip(LINKS, mtus):
+        for (wan, wan_cidr, rif, r_cidr, _tun, _addr), mtu in zip(LINKS, mtus, strict=False):
             self._veth(self.c, wan, wan_cidr, self.r, rif, r_cidr, mtu)
         self._veth(self.r, "rs", "10.77.3.1/24", self.s, "swan", f"{SERVER_ADDR}/24", 1500)
         self.c.ip("route", "add", "default", "via", LINKS[0][3].split("/")[0], "dev", LINKS[0][0])
@@ -278,13 +280,13 @@ table ip uetmp_nat {
         return self.r.run("nft", "list", "ruleset").stdout
 
     # -- transfers -------------------------------------------------------------
-    def xfer_server(self, port: int, *mode, tag: str = "server") -> "Endpoint":
+    def xfer_server(self, port: int, *mode, tag: str = "server") -> Endpoint:
         ep = Endpoint(self, self.s, ["--listen", port, *mode], tag)
         wait_for(lambda: ep.lines() or ep.proc.poll() is not None, 15, "the MPTCP listener")
         assert ep.lines() and ep.lines()[0].get("event") == "listening", ep.text()
         return ep
 
-    def xfer_client(self, port: int, *mode, tag: str = "client") -> "Endpoint":
+    def xfer_client(self, port: int, *mode, tag: str = "client") -> Endpoint:
         return Endpoint(self, self.c, ["--connect", f"{SERVER_ADDR}:{port}", *mode], tag)
 
     def transfer(self, size: int, port: int = 7000, direction: str = "upload",
@@ -350,10 +352,8 @@ table ip uetmp_nat {
         for ns, script, run in ((self.c, BOND_CLIENT, self.client_run),
                                 (self.s, BOND_SERVER, self.server_run)):
             if (run / ("client.state" if ns is self.c else "server.state")).exists():
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     ns.run(script, "down", "--run-dir", run, check=False, timeout=60)
-                except subprocess.TimeoutExpired:
-                    pass
         # ... then whatever is left goes with the namespaces
         for ns in reversed(self.namespaces):
             ns.delete()
@@ -497,7 +497,8 @@ def _send(sock: socket.socket, watch: _Watch, size: int | None, seconds: float |
             break
         echo += part
     elapsed = time.monotonic() - start
-    return {"bytes": sent, "sha256": digest.hexdigest(), "match": echo.decode() == digest.hexdigest(),
+    return {"bytes": sent, "sha256": digest.hexdigest(),
+            "match": echo.decode() == digest.hexdigest(),
             "seconds": round(elapsed, 3), "mbit_per_s": round(sent * 8 / elapsed / 1e6, 1)}
 
 

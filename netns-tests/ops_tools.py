@@ -72,7 +72,7 @@ class Runtime:
 
 
 def _readable_by_all(path: Path) -> None:
-    for root, dirs, files in os.walk(path):
+    for root, _dirs, files in os.walk(path):
         os.chmod(root, 0o755)
         for name in files:
             os.chmod(os.path.join(root, name), 0o644)
@@ -114,7 +114,7 @@ def build_runtime() -> Runtime:
             if result.returncode == 0:
                 return runtime
             tried.append(f"{python}: {result.stderr.strip().splitlines()[-1:]}")
-        raise RuntimeError("no interpreter usable by uid %d: %s" % (UNPRIVILEGED_UID, tried))
+        raise RuntimeError(f"no interpreter usable by uid {UNPRIVILEGED_UID}: {tried}")
     except BaseException:
         shutil.rmtree(base, ignore_errors=True)
         raise
@@ -174,7 +174,7 @@ def tun_node_lock(timeout: float = 600):
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
-                    raise TimeoutError(f"{TUN_NODE_LOCK} held for more than {timeout}s")
+                    raise TimeoutError(f"{TUN_NODE_LOCK} held for more than {timeout}s") from None
                 time.sleep(0.2)
         try:
             yield
@@ -278,8 +278,8 @@ def exchange(a: socket.socket, b: socket.socket, size: int = 64 * 1024) -> None:
     for src, dst in ((a, b), (b, a)):
         data = os.urandom(size)
         got: list = []
-        reader = threading.Thread(target=lambda: got.append(_recv_or_error(dst, size)),
-                                  daemon=True)
+        reader = threading.Thread(
+            target=lambda got=got, dst=dst: got.append(_recv_or_error(dst, size)), daemon=True)
         reader.start()
         src.sendall(data)
         reader.join(120)

@@ -86,10 +86,7 @@ def run_server(args) -> dict:
     lsock.close()
     with conn:
         conn.settimeout(args.timeout)
-        if args.direction == "upload":
-            result = sink(conn)
-        else:
-            result = source(conn, args.size)
+        result = sink(conn) if args.direction == "upload" else source(conn, args.size)
     result.update(peer=peer[0], peer_port=peer[1])
     return result
 
@@ -111,10 +108,7 @@ def run_client(args) -> dict:
         sock.settimeout(args.timeout)
         local = sock.getsockname()
         peer = sock.getpeername()
-        if args.direction == "upload":
-            result = source(sock, args.size)
-        else:
-            result = sink(sock)
+        result = source(sock, args.size) if args.direction == "upload" else sink(sock)
     result.update(peer=peer[0], peer_port=peer[1], local=local[0], local_port=local[1])
     return result
 

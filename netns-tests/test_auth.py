@@ -201,7 +201,8 @@ def test_replayed_response_from_another_port_or_address_fails(pair: Pair, psk):
         kind, _, _ = recv_control(b, SERVER)
         assert kind == auth.AUTH_REQUIRED
         a.sendto(tcp_looking(rng), SERVER)
-        final = wait_for(lambda: (c := pair.server.counters()) and c.get("rx_packets", 0) >= 1 and c,
+        final = wait_for(lambda: (c := pair.server.counters())
+                         and c.get("rx_packets", 0) >= 1 and c,
                          20, interval=0.2, what="A's segment written to the tun")
         assert counter_delta(final, before, "auth_fail_bad_cookie") == 3, (before, final)
         assert final.get("rx_drop_unauthenticated", 0) == 1, final
@@ -294,7 +295,7 @@ def _barrier(sock: socket.socket, hand: HandDriven, tries: int = 60):
                 if body[:auth.NONCE_LEN] == nonces[-1]:
                     return (body[auth.NONCE_LEN:auth.NONCE_LEN + 4], body[auth.NONCE_LEN + 4:],
                             len(nonces), answered)
-        except socket.timeout:
+        except TimeoutError:
             continue  # rate limited (the flood drained the bucket), or slow: ask again
     raise AssertionError("the server never answered the barrier HELLO")
 
@@ -302,7 +303,8 @@ def _barrier(sock: socket.socket, hand: HandDriven, tries: int = 60):
 def _auth_and_drop_deltas(after: dict, before: dict) -> dict:
     keys = {k for k in (*after, *before)
             if k.startswith(("auth_", "rx_drop_")) and k != "auth_accepted"}
-    return {k: counter_delta(after, before, k) for k in sorted(keys) if counter_delta(after, before, k)}
+    return {k: counter_delta(after, before, k) for k in sorted(keys)
+            if counter_delta(after, before, k)}
 
 
 @pytest.mark.parametrize("datapath", ["offload"])  # the default path only: time
@@ -324,7 +326,8 @@ def test_spoofed_flood_during_transfer(lab, psk):
     window, real_cookie, *_ = _barrier(attacker, hand)
     rng = random.Random(20240611)
     payloads = flood_payloads(rng, FLOOD, window, real_cookie)
-    kinds = {k: sum(1 for kind, _ in payloads if kind == k) for k in ("junk", "bad_control", "hello", "response")}
+    kinds = {k: sum(1 for kind, _ in payloads if kind == k)
+             for k in ("junk", "bad_control", "hello", "response")}
 
     before = server.counters()
     rss_before = vm_rss_kib(pid)
@@ -396,7 +399,8 @@ def test_admission_rate_limits_spoofed_peers_without_key(lab):
     stream = Stream(net.c, net.s, Pair.SERVER_IP, 7002, pause=0.001)
     try:
         with net.a.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
-            send_spoofed(raw, Pair.SERVER_IP, Pair.PORT, (tcp_looking(rng) for _ in range(count)), rng)
+            send_spoofed(raw, Pair.SERVER_IP, Pair.PORT,
+                         (tcp_looking(rng) for _ in range(count)), rng)
         after = wait_for(lambda: (c := server.counters()) and
                          c.get("rx_drop_admission_rate", 0) > 0 and c, 30, interval=0.2,
                          what="rx_drop_admission_rate")
@@ -410,12 +414,13 @@ def test_admission_rate_limits_spoofed_peers_without_key(lab):
     print(f"admission: {count} spoofed TCP-looking datagrams, {added} spoofed peers admitted, "
           f"{after['rx_drop_admission_rate']} refused by the rate")
     assert not result["errors"], result
-    assert result["sent"] == result["received"] and result["sent_sha256"] == result["received_sha256"]
+    assert result["sent"] == result["received"]
+    assert result["sent_sha256"] == result["received_sha256"]
     assert after["rx_drop_admission_rate"] > 0, after
     assert added < count, after
     final = server.stop()
     assert final.get("peers_expired", 0) == 0, final  # the live peer was never dropped
-    assert (Pair.CLIENT_IP, Pair.PORT) == server.new_peers()[0][:2]
+    assert server.new_peers()[0][:2] == (Pair.CLIENT_IP, Pair.PORT)
     no_errors(final)
 
 
@@ -433,16 +438,17 @@ def test_server_never_answers_with_more_than_it_got(pair: Pair, psk):
     hand = HandDriven(b"no key needed to say hello", SERVER)
     sizes = {}
     with udp_socket(pair.c, pair.vc, Pair.CLIENT_IP, 40001, timeout=0.5) as sock:
-        for name, cut in (("padded", auth.HELLO_SIZE), ("unpadded", auth.HEADER_LEN + auth.NONCE_LEN)):
+        for name, cut in (("padded", auth.HELLO_SIZE),
+                          ("unpadded", auth.HEADER_LEN + auth.NONCE_LEN)):
             before = pair.server.counters()
             hello = hand.hello()[:cut]
             sock.sendto(hello, SERVER)
             # the server has dealt with it once a counter moved (answered, refused or dropped)
-            wait_for(lambda: _auth_and_drop_deltas(pair.server.counters(), before), 20, interval=0.2,
-                     what=f"the server to handle the {name} HELLO")
+            wait_for(lambda before=before: _auth_and_drop_deltas(pair.server.counters(), before),
+                     20, interval=0.2, what=f"the server to handle the {name} HELLO")
             try:
                 _, _, reply = recv_control(sock, SERVER, {auth.CHALLENGE})
-            except socket.timeout:
+            except TimeoutError:
                 reply = b""
             sizes[name] = (len(hello), len(reply))
         smallest_segment = bytes(12) + bytes([5 << 4]) + bytes(7)
@@ -450,11 +456,12 @@ def test_server_never_answers_with_more_than_it_got(pair: Pair, psk):
                                         ("segment", smallest_segment, "rx_drop_unauthenticated")):
             before = pair.server.counters()
             sock.sendto(datagram, SERVER)
-            wait_for(lambda: counter_delta(pair.server.counters(), before, counter), 20,
-                     interval=0.2, what=f"the server to count the {name} datagram")
+            wait_for(lambda before=before, counter=counter:
+                     counter_delta(pair.server.counters(), before, counter),
+                     20, interval=0.2, what=f"the server to count the {name} datagram")
             try:  # anything at all, from anywhere
                 reply = sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 reply = b""
             sizes[name] = (len(datagram), len(reply))
     print(f"request -> reply sizes: {sizes}")

@@ -51,7 +51,8 @@ def test_every_datagram_carries_df(pair: Pair, datapath):
     batched = [f for f in frames if f["batched"]]
     without_df = [f for f in frames if not f["df"]]
     print(f"{datapath}: {len(frames)} frames, {datagrams} datagrams, {len(batched)} batches "
-          f"({sum(f['datagrams'] for f in batched)} datagrams), {len(without_df)} frames without DF")
+          f"({sum(f['datagrams'] for f in batched)} datagrams), "
+          f"{len(without_df)} frames without DF")
     assert datagrams >= 2 * 8 * MB // 1500, datagrams  # the transfers were captured
     assert any(f["to_server"] for f in frames) and any(not f["to_server"] for f in frames)
     assert not without_df, without_df[:5]

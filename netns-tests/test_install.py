@@ -47,10 +47,10 @@ def test_install_reinstall_uninstall(tmp_path):
     unit = root / "etc/systemd/system/udp-encap-tun@.service"
     ours = (REPO / "systemd/udp-encap-tun@.service").read_text().splitlines()
     theirs = unit.read_text().splitlines()
-    assert [l for l in theirs if l.startswith("ExecStart=")] == \
+    assert [line for line in theirs if line.startswith("ExecStart=")] == \
         [f"ExecStart={PREFIX}/bin/udp-encap-tun --config %d/config"]
-    assert [l for l in theirs if not l.startswith("ExecStart=")] == \
-        [l for l in ours if not l.startswith("ExecStart=")]
+    assert [line for line in theirs if not line.startswith("ExecStart=")] == \
+        [line for line in ours if not line.startswith("ExecStart=")]
 
     example = root / "etc/udp-encap-tun/example.conf"
     pristine = (REPO / "systemd/example.conf").read_text()

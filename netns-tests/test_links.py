@@ -28,7 +28,7 @@ def wait_bind_missing(pair) -> None:
     """Both ends' status says the bound interface is missing (the client's
     text status too), once the veth between them is deleted."""
     for ns, tun in ((pair.c, pair.ctun), (pair.s, pair.stun)):
-        wait_for(lambda: status(ns, tun)["bind_interface_present"] is False, 20,
+        wait_for(lambda ns=ns, tun=tun: status(ns, tun)["bind_interface_present"] is False, 20,
                  what=f"status of {tun} to say the bound interface is missing")
     text = pair.c.run(sys.executable, "-m", "udp_encap_tun", "status", "--interface",
                       pair.ctun).stdout
@@ -113,7 +113,7 @@ def test_bound_interface_deleted_and_recreated(tunnel: Pair):
                     tunnel.s, tunnel.vs, f"{Pair.SERVER_IP}/24")
     assert link_info(tunnel.c, tunnel.vc)["index"] != old
     for tool, vif in ((tunnel.client, tunnel.vc), (tunnel.server, tunnel.vs)):
-        wait_for(lambda: f"bound interface {vif} is back" in tool.log(), 20,
+        wait_for(lambda vif=vif, tool=tool: f"bound interface {vif} is back" in tool.log(), 20,
                  what=f"{tool!r} to bind to {vif} again")
     for ns, tun in ((tunnel.c, tunnel.ctun), (tunnel.s, tunnel.stun)):
         assert status(ns, tun)["bind_interface_present"] is True
@@ -134,7 +134,8 @@ def test_link_mtu_lowered_mid_run(tunnel: Pair):
     for ns, vif in ((tunnel.c, tunnel.vc), (tunnel.s, tunnel.vs)):
         set_mtu(ns, vif, 1400)
     for ns, tun in ((tunnel.c, tunnel.ctun), (tunnel.s, tunnel.stun)):
-        wait_for(lambda: link_info(ns, tun)["mtu"] == 1392, 20, what=f"{tun} MTU 1392")
+        wait_for(lambda ns=ns, tun=tun: link_info(ns, tun)["mtu"] == 1392, 20,
+                 what=f"{tun} MTU 1392")
         doc = status(ns, tun)
         assert (doc["mtu"], doc["mss_clamp"], doc["link_mtu"]) == (1392, 1352, 1400), doc
     running.wait()

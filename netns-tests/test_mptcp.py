@@ -12,8 +12,7 @@ import re
 
 import pytest
 
-from mptcp_helpers import (LINKS, SERVER_ADDR, SERVER_TUN, BondLab,
-                           Endpoint, skip_reason, wait_for)
+from mptcp_helpers import LINKS, SERVER_ADDR, SERVER_TUN, BondLab, Endpoint, skip_reason, wait_for
 
 MB = 1 << 20
 SIZE = 40 * MB
@@ -243,7 +242,7 @@ def test_scripts_are_idempotent_and_down_undoes_exactly_their_changes(make_lab):
     c = first["c"]
     assert c["enabled"].strip() == "1"
     assert "subflows 2" in c["limits"] and "add_addr_accepted 2" in c["limits"]
-    for i, (wan, _wc, _rif, r_cidr, tun, addr) in enumerate(LINKS, start=1):
+    for i, (_wan, _wc, _rif, _r_cidr, tun, addr) in enumerate(LINKS, start=1):
         assert f"{500 + i}:\tfrom {addr} lookup {100 + i}" in c["rules"]
         assert re.search(rf"^{addr} id \d+ subflow\s*$", c["endpoints"], re.M), c["endpoints"]
         assert f"unreachable default table {100 + i}" in c["routes"]

@@ -15,11 +15,29 @@ import time
 
 import pytest
 
-from ops_tools import (CAP_NET_ADMIN, CAP_NET_RAW, TUN_NODE, AsUser, addresses, build_runtime,
-                       drain_nonblocking, exchange, link_info, process_credentials,
-                       push_nonblocking, routes, tcp_ack_segment, tcp_syn_mss, tcp_connect,
-                       tcp_listen, tcp_maxseg, tun_node_lock, tun_node_mode, udp_sockets,
-                       wait_counter)
+from ops_tools import (
+    CAP_NET_ADMIN,
+    CAP_NET_RAW,
+    TUN_NODE,
+    AsUser,
+    addresses,
+    build_runtime,
+    drain_nonblocking,
+    exchange,
+    link_info,
+    process_credentials,
+    push_nonblocking,
+    routes,
+    tcp_ack_segment,
+    tcp_connect,
+    tcp_listen,
+    tcp_maxseg,
+    tcp_syn_mss,
+    tun_node_lock,
+    tun_node_mode,
+    udp_sockets,
+    wait_counter,
+)
 from uetlab import Pair, assert_operator_error, require_root, wait_for
 
 MB = 1 << 20
@@ -164,7 +182,7 @@ def test_keepalive_keeps_an_idle_peer(lab):
              interval=0.5, what="the server without keepalives to forget its idle peer")
     time.sleep(max(0.0, IDLE - (time.monotonic() - idle_since)))
 
-    for key, side in sides.items():
+    for side in sides.values():
         exchange(*side["conn"])  # the same connection, after the idle period
         for sock in side["conn"]:
             sock.close()

@@ -16,8 +16,20 @@ import time
 
 import pytest
 
-from auth_tools import (FLOOD_NFT, HandDriven, Stream, SwitchedPair, ipv4_udp, nft_counter,
-                        random_source, read_psk, recv_control, tcp_looking, udp_socket, write_psk)
+from auth_tools import (
+    FLOOD_NFT,
+    HandDriven,
+    Stream,
+    SwitchedPair,
+    ipv4_udp,
+    nft_counter,
+    random_source,
+    read_psk,
+    recv_control,
+    tcp_looking,
+    udp_socket,
+    write_psk,
+)
 from ops_tools import setpriv_argv, tcp_connect, tcp_listen, udp_rcvbuf_errors
 from udp_encap_tun import auth
 from uetlab import Pair, counter_delta, wait_for
@@ -85,17 +97,17 @@ def test_sigterm_during_a_sigusr1_storm_is_never_lost(pair: Pair):
     for attempt in range(3):
         server = pair.start_server()
         with SignalStorm(server.pid) as storm:
-            wait_for(lambda: storm.sent >= 20_000 or not server.alive(), 30, interval=0.05,
-                     what="the SIGUSR1 storm to get going")
+            wait_for(lambda server=server: storm.sent >= 20_000 or not server.alive(), 30,
+                     interval=0.05, what="the SIGUSR1 storm to get going")
             assert server.alive(), server.log()
             filled = fill_pipes(server.pid)
             server.proc.send_signal(signal.SIGTERM)
             time.sleep(0.3)  # the storm goes on after the SIGTERM
         try:
             code = server.wait_exit(20)
-        except Exception:
+        except Exception as exc:
             raise AssertionError(f"try {attempt + 1}: still running 20 s after SIGTERM "
-                                 f"({storm.sent} SIGUSR1 sent):\n{server.log()[-3000:]}")
+                                 f"({storm.sent} SIGUSR1 sent):\n{server.log()[-3000:]}") from exc
         lines = server.counter_lines()
         print(f"try {attempt + 1}: {storm.sent} SIGUSR1 sent, wake-up pipe topped up with "
               f"{filled} bytes before SIGTERM, {len(lines)} counter lines logged, exit {code}")
@@ -141,7 +153,7 @@ def test_peers_returning_around_the_timeout_keep_their_address_and_leak_nothing(
         most_listed = 0
         while time.monotonic() < end:
             now = time.monotonic()
-            for sock, port in zip(socks, ports):
+            for sock, port in zip(socks, ports, strict=False):
                 if now >= due[port]:
                     sock.sendto(tcp_looking(rng), (Pair.SERVER_IP, Pair.PORT))
                     due[port] = now + rng.uniform(0.8, 1.2)
@@ -298,11 +310,13 @@ def test_status_hammer_by_an_unprivileged_user_leaves_the_data_path_running(pair
         pingpong.close()
     connects = [tuple(map(int, out.split())) for out, _err in outs]
     print(f"hammer: {connects} (connected, backlog full) per process in {seconds}s")
-    print(f"ping-pong round trips: calm {len(calm)} in 2s, p50 {percentile(calm, .5) * 1e3:.2f} ms, "
+    print(f"ping-pong round trips: calm {len(calm)} in 2s, "
+          f"p50 {percentile(calm, .5) * 1e3:.2f} ms, "
           f"p99 {percentile(calm, .99) * 1e3:.2f} ms; under the hammer {len(during)}, "
-          f"p50 {percentile(during, .5) * 1e3:.2f} ms, p99 {percentile(during, .99) * 1e3:.2f} ms, "
+          f"p50 {percentile(during, .5) * 1e3:.2f} ms, "
+          f"p99 {percentile(during, .99) * 1e3:.2f} ms, "
           f"max {max(during, default=0) * 1e3:.1f} ms")
-    for h, (out, err) in zip(hammers, outs):
+    for h, (_out, err) in zip(hammers, outs, strict=False):
         assert h.returncode == 0, err
     assert sum(c for c, _ in connects) > 1000, connects  # the hammer did hammer
     assert not pingpong.errors, pingpong.errors
@@ -399,11 +413,13 @@ def test_spoofed_hello_flood_does_not_keep_a_keyed_client_out(lab, tmp_path):
                 sock.sendto(hello, (Pair.SERVER_IP, Pair.PORT))
                 try:
                     while True:
-                        _, body, _ = recv_control(sock, (Pair.SERVER_IP, Pair.PORT), {auth.CHALLENGE})
-                        if body[:auth.NONCE_LEN] == hello[auth.HEADER_LEN:auth.HEADER_LEN + auth.NONCE_LEN]:
+                        _, body, _ = recv_control(sock, (Pair.SERVER_IP, Pair.PORT),
+                                                  {auth.CHALLENGE})
+                        nonce = hello[auth.HEADER_LEN:auth.HEADER_LEN + auth.NONCE_LEN]
+                        if body[:auth.NONCE_LEN] == nonce:
                             answered += 1
                             break
-                except socket.timeout:
+                except TimeoutError:
                     pass
                 time.sleep(0.1)
         arrived_probing = nft_counter(net.s) - arrived_before
@@ -472,7 +488,8 @@ def test_junk_flood_does_not_keep_a_restarted_server_from_asking_clients_back(la
           f"{during.get('rx_drop_unauthenticated', 0)} unauthenticated datagrams dropped")
     assert still_flooding
     assert not result["errors"], result
-    assert result["sent"] == result["received"] and result["sent_sha256"] == result["received_sha256"]
+    assert result["sent"] == result["received"]
+    assert result["sent_sha256"] == result["received_sha256"]
     assert during.get("rx_drop_unauthenticated", 0) > 1000, during  # the flood reached it
     client = net.client.stop()
     assert client.get("auth_auth_required", 0) >= 1, client

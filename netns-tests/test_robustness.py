@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 import struct
@@ -18,7 +19,8 @@ JUNK_PORT = 6000
 IP_MTU_DISCOVER, IP_PMTUDISC_DONT = 10, 0  # linux/in.h (not in the socket module)
 
 
-def tcp_header(doff_words: int = 5, flags: int = 0x10, sport: int = 1234, dport: int = 4321) -> bytes:
+def tcp_header(doff_words: int = 5, flags: int = 0x10, sport: int = 1234,
+               dport: int = 4321) -> bytes:
     """A 20-byte TCP header (data offset field set to *doff_words*)."""
     return tcp_segment(sport=sport, dport=dport, seq=1, ack=1, flags=flags, window=65535,
                        doff=doff_words)
@@ -173,10 +175,8 @@ def test_server_drops_tcp_to_unknown_peer(tunnel: Pair):
     before = tunnel.server.counters()
     with tunnel.s.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setblocking(False)
-        try:
+        with contextlib.suppress(BlockingIOError):
             sock.connect(("10.9.0.77", 80))  # a SYN into the server's tun
-        except BlockingIOError:
-            pass
         wait_for(lambda: counter_delta(tunnel.server.counters(), before,
                                        "tx_drop_unknown_peer") >= 1,
                  20, interval=0.2, what="tx_drop_unknown_peer")
@@ -258,7 +258,7 @@ def test_hostile_input_at_both_ends_during_a_transfer(tunnel: Pair):
     xfer = tunnel.lab.transfer(tunnel.s, tunnel.c, Pair.SERVER_IP, 7003, "download", 8 * MB,
                                wait=False)
     expected = {}
-    for name, (tool, ns, src, dev, dst) in ends.items():
+    for name, (_tool, ns, src, dev, dst) in ends.items():
         small = hostile_payloads(rng, HOSTILE_SMALL, large=False)
         large = hostile_payloads(rng, HOSTILE_LARGE, large=True)
         expected[name] = not_tcp(small) + not_tcp(large)
@@ -295,5 +295,5 @@ def test_hostile_input_at_both_ends_during_a_transfer(tunnel: Pair):
         growth = vm_rss_kib(pids[name]) - rss[name]
         assert growth < 16 << 10, (name, rss[name], growth)
     tunnel.transfer(7004, "upload", 2 * MB)  # and it still works
-    for name, (tool, *_rest) in ends.items():
+    for tool, *_rest in ends.values():
         assert tool.stop().get("internal_error", 0) == 0

@@ -8,6 +8,7 @@ joined by a veth, removed with everything in them whatever the outcome.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -19,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from uetlab import clean_env, require_root, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -160,10 +162,8 @@ class World:
             pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
                                   text=True).stdout.split()
             for pid in pids:  # anything left in our own namespace is ours
-                try:
+                with contextlib.suppress(ProcessLookupError, ValueError):
                     os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         left = [ns for ns in self.namespaces if Path("/run/netns", ns).exists()]
         assert not left, f"namespaces left behind: {left}"
@@ -200,10 +200,8 @@ def test_notify_protocol(world: World, tmp_path):
     messages: list[list[str]] = []
 
     def receive(until) -> bool:
-        try:
+        with contextlib.suppress(TimeoutError):
             messages.append(manager.recv(4096).decode().split("\n"))
-        except TimeoutError:
-            pass
         return until()
 
     try:

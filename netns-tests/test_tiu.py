@@ -13,11 +13,9 @@ import sys
 
 import pytest
 
+from udp_encap_tun import packet as P, tiu as tiu_codec
 from uetlab import Lab, ToolProcess, assert_operator_error, wait_for
 from wirecap import UdpCapture
-
-from udp_encap_tun import packet as P
-from udp_encap_tun import tiu as tiu_codec
 
 MB = 1 << 20
 PORTS = "7000-7009"

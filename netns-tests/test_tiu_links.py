@@ -39,7 +39,7 @@ def exchange(a: socket.socket, b: socket.socket, size: int) -> None:
     assert bytes(got[b]) == out[a] and bytes(got[a]) == out[b]
 
 
-def connected(tiu: TiuPair, port: int):
+def connected(tiu: TiuPair, port: int):  # noqa: F811 (the fixture's name)
     """A TCP connection from C to S through the tunnel: (client end, server end)."""
     listener = tiu.s.socket(type=socket.SOCK_STREAM)
     listener.bind((SERVER_IP, port))
@@ -54,7 +54,7 @@ def connected(tiu: TiuPair, port: int):
     return client, server
 
 
-def test_bound_interface_deleted_and_recreated(tiu: TiuPair):
+def test_bound_interface_deleted_and_recreated(tiu: TiuPair):  # noqa: F811 (fixture)
     """The veth both ends are bound to is deleted: status says MISSING (the
     TCP addresses went with it, so the kernel's TCP holds its data; the tunnel's
     drops while missing are unit-tested).  Re-created with the
@@ -71,7 +71,7 @@ def test_bound_interface_deleted_and_recreated(tiu: TiuPair):
 
     tiu.lab.veth(tiu.c, tiu.vc, f"{CLIENT_IP}/24", tiu.s, tiu.vs, f"{SERVER_IP}/24")
     for tool, vif in ((tiu.client, tiu.vc), (tiu.server, tiu.vs)):
-        wait_for(lambda: f"bound interface {vif} is back" in tool.log(), 20,
+        wait_for(lambda vif=vif, tool=tool: f"bound interface {vif} is back" in tool.log(), 20,
                  what=f"{tool!r} to bind to {vif} again")
     for ns, tun in ((tiu.c, tiu.ctun), (tiu.s, tiu.stun)):
         assert status(ns, tun)["bind_interface_present"] is True
@@ -90,7 +90,7 @@ def test_bound_interface_deleted_and_recreated(tiu: TiuPair):
     assert tiu.client.proc.returncode == 0  # the address came back the same: no exit
 
 
-def test_link_mtu_lowered_mid_run(tiu: TiuPair):
+def test_link_mtu_lowered_mid_run(tiu: TiuPair):  # noqa: F811 (fixture)
     """The veth's MTU lowered from 1500 to 1400 at both ends during a download:
     the tuns follow with no overhead (1400) and no MSS clamp; the running
     transfer and new ones each way arrive byte-exact, segments cut to fit."""
@@ -101,7 +101,8 @@ def test_link_mtu_lowered_mid_run(tiu: TiuPair):
     for ns, vif in ((tiu.c, tiu.vc), (tiu.s, tiu.vs)):
         set_mtu(ns, vif, 1400)
     for ns, tun in ((tiu.c, tiu.ctun), (tiu.s, tiu.stun)):
-        wait_for(lambda: link_info(ns, tun)["mtu"] == 1400, 20, what=f"{tun} MTU 1400")
+        wait_for(lambda ns=ns, tun=tun: link_info(ns, tun)["mtu"] == 1400, 20,
+                 what=f"{tun} MTU 1400")
         doc = status(ns, tun)
         assert (doc["mtu"], doc["mss_clamp"], doc["link_mtu"]) == (1400, None, 1400), doc
     running.wait()

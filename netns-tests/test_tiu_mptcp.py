@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
-from uetlab import DATAPATHS
 from mptcp_helpers import LINKS, SERVER_ADDR, BondLab, skip_reason, wait_for
+from uetlab import DATAPATHS
 
 MB = 1 << 20
 SIZE = 24 * MB

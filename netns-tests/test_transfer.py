@@ -143,5 +143,6 @@ def test_server_with_two_addresses_replies_from_the_one_peers_use(pair: Pair):
     pair.start_server("--listen-address", second)
     pair.start_client()
     pair.c.add_route(f"{second}/32", dev=pair.ctun)
-    result = pair.lab.transfer(pair.s, pair.c, second, 7001, "download", 2 * MB)  # asserts byte-exact
+    # asserts byte-exact
+    result = pair.lab.transfer(pair.s, pair.c, second, 7001, "download", 2 * MB)
     assert result["client_saw"].startswith(second), result

@@ -56,10 +56,8 @@ def json_lines(text: str) -> list[dict]:
     """The lines of *text* that are JSON (anything else, e.g. a traceback, skipped)."""
     out = []
     for line in text.splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):
             out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
     return out
 
 
@@ -118,12 +116,11 @@ def remove_namespace(name: str) -> None:
         _registered_namespaces.discard(name)
         return
     # kill anything still running inside (started by this harness: the namespace is ours)
-    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                          text=True).stdout.split()
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, ValueError):
             os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
-            pass
     subprocess.run(["ip", "netns", "del", name], capture_output=True)
     if not path.exists():
         _registered_namespaces.discard(name)
@@ -232,7 +229,7 @@ class ToolProcess:
         self.ns = ns
         self.args = [str(a) for a in args]
         self.log_path = log_path
-        self._log = open(log_path, "wb")
+        self._log = open(log_path, "wb")  # noqa: SIM115 (the process's stderr while it runs)
         self.proc = subprocess.Popen(
             ns.exec_args([sys.executable, "-m", "udp_encap_tun", *self.args]),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log,
@@ -286,7 +283,8 @@ class ToolProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
-            raise AssertionError(f"{self!r} did not exit within {timeout}s of SIGTERM:\n{self.log()}")
+            raise AssertionError(
+                f"{self!r} did not exit within {timeout}s of SIGTERM:\n{self.log()}") from None
         assert self.returncode == 0, f"exit status {self.returncode} after SIGTERM:\n{self.log()}"
         lines = self.counter_lines()
         assert lines, f"no counters line at exit:\n{self.log()}"
@@ -321,7 +319,7 @@ class ToolProcess:
 class Transfer:
     """One tcpxfer.py server (in *server_ns*) and client (in *client_ns*)."""
 
-    def __init__(self, lab: "Lab", server_ns: Namespace, client_ns: Namespace, host: str,
+    def __init__(self, lab: Lab, server_ns: Namespace, client_ns: Namespace, host: str,
                  port: int, direction: str, size: int, timeout: float):
         self.direction, self.size, self.timeout = direction, size, timeout
         tag = f"{direction}-{port}-{len(lab.procs)}"
@@ -412,12 +410,9 @@ class Lab:
 
     # -- processes --------------------------------------------------------------
     def popen(self, ns: Namespace, argv, out_path: Path, env=None) -> subprocess.Popen:
-        out = open(out_path, "wb")
-        try:
+        with open(out_path, "wb") as out:
             proc = subprocess.Popen(ns.exec_args(argv), stdin=subprocess.DEVNULL, stdout=out,
                                     stderr=subprocess.STDOUT, env=clean_env(env), cwd=REPO)
-        finally:
-            out.close()
         self.procs.append(proc)
         return proc
 

@@ -45,7 +45,7 @@ class UdpCapture:
         while not self.stopping.is_set():
             try:
                 frame = self.sock.recv(1 << 17)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             flags, gso_type, _hlen, gso_size, _cs, _co = VNET_HDR.unpack_from(frame)
             ip = frame[VNET_HDR.size + ETH_HLEN:]
