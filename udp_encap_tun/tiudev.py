@@ -6,41 +6,69 @@ tiumode.py, the byte mapping in tiu.py, the loop in loop.py."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import errno
-import itertools
+import functools
 import ipaddress
+import itertools
 import logging
-import os
 import resource
 import socket
 import struct
 import sys
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final, TypeAlias
 
 from pyroute2 import IPRoute
 
 from . import offload as ol
 from . import packet as pk
 from . import tiu
-from .conn import (SOL_UDP, UDP_GRO, UDP_SEGMENT, open_udp, probe_udp_offload, set_buffers,
-                   set_path_mtu_discovery)
-from .loop import BATCH, RX_AREA, RX_BATCH, SMALL, Loop
+from .conn import (
+    SOL_UDP,
+    UDP_GRO,
+    UDP_SEGMENT,
+    Address,
+    Batches,
+    Buffer,
+    IcmpError,
+    open_udp,
+    probe_udp_offload,
+    set_buffers,
+    set_path_mtu_discovery,
+)
 from .errors import OperatorError
 from .faults import TIU_OVERHEAD, Links
-from .tiumode import MAX_PORTS, TiuRouter, count_ports, format_ranges, parse_port_ranges
-from .tun import BUFSIZE, OffloadPackets, Packets
+from .loop import BATCH, RX_AREA, RX_BATCH, SMALL, Loop
+from .service import Service
+from .tiumode import (
+    MAX_PORTS,
+    Ancillary,
+    Flow,
+    FlowDest,
+    TiuRouter,
+    count_ports,
+    format_ranges,
+    parse_port_ranges,
+)
+from .tun import BUFSIZE, OffloadPackets, Packets, Tun
 
 log = logging.getLogger(__name__)
 
-IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
-TABLE_BASE = 7700000  # routing table of a tunnel: this + the tun's ifindex
-RULE_PRIORITY = 1000  # client rules by source address; the others at +1
-SHOWN_FLOWS = 256  # flows listed in the status document (the newest)
-FLOW_BUFFER = 4 << 20  # socket buffers of a client flow's socket
-_PORTS = struct.Struct("!HH")
-_PKTINFO = struct.Struct("=I4s4s")
-_ZERO_ADDR = bytes(4)
+IP_PKTINFO: Final[int] = getattr(socket, "IP_PKTINFO", 8)
+TABLE_BASE: Final = 7700000  # routing table of a tunnel: this + the tun's ifindex
+RULE_PRIORITY: Final = 1000  # client rules by source address; the others at +1
+SHOWN_FLOWS: Final = 256  # flows listed in the status document (the newest)
+FLOW_BUFFER: Final = 4 << 20  # socket buffers of a client flow's socket
+_PORTS: Final = struct.Struct("!HH")
+_PKTINFO: Final = struct.Struct("=I4s4s")
+_ZERO_ADDR: Final = bytes(4)
+# pyroute2's arguments of a rule or route (kept to delete it again)
+Spec: TypeAlias = dict[str, Any]
+# a drain's run of one flow's datagrams: (flow, remote ip, local ip, remote port, payloads
+# to coalesce, or None and a buffer ready for the tun)
+_Group: TypeAlias = tuple[Flow, bytes, bytes, int, list[Buffer] | None, bytearray | None]
 
 
 # --------------------------------------------------------------------------- policy routing
@@ -54,10 +82,10 @@ class PolicyRouting:
         self.ipr = IPRoute()
         self.tun_index = tun_index
         self.table = table or TABLE_BASE + tun_index
-        self.rules: list[dict] = []
-        self.routes: list[dict] = []
+        self.rules: list[Spec] = []
+        self.routes: list[Spec] = []
 
-    def _add(self, kind: str, spec: dict) -> None:
+    def _add(self, kind: str, spec: Spec) -> None:
         try:
             getattr(self.ipr, kind)("add", **spec)
         except Exception as exc:
@@ -67,12 +95,12 @@ class PolicyRouting:
         (self.rules if kind == "rule" else self.routes).append(spec)
 
     def default_route(self, src: str | None = None) -> None:
-        spec = {"dst": "0.0.0.0", "dst_len": 0, "oif": self.tun_index, "table": self.table}
+        spec: Spec = {"dst": "0.0.0.0", "dst_len": 0, "oif": self.tun_index, "table": self.table}
         if src:
             spec["prefsrc"] = src
         self._add("route", spec)
 
-    def rule(self, priority: int, **match) -> None:
+    def rule(self, priority: int, **match: object) -> None:
         self._add("rule", {"family": socket.AF_INET, "table": self.table, "priority": priority,
                            "ip_proto": socket.IPPROTO_TCP, "iifname": "lo", **match})
 
@@ -87,7 +115,7 @@ class PolicyRouting:
         self.ipr.close()
 
 
-def _describe(spec: dict) -> str:
+def _describe(spec: Spec) -> str:
     return " ".join(f"{k} {v}" for k, v in spec.items() if k != "family")
 
 
@@ -120,7 +148,7 @@ class RpFilter:
 
     ANCHOR = "169.254.77.1/32"
 
-    def __init__(self, tun):
+    def __init__(self, tun: Tun):
         self.path = f"/proc/sys/net/ipv4/conf/{tun.name}/rp_filter"
         self.old = _read(self.path)
         if self.old not in (None, "0") and not _write(self.path, "0"):
@@ -170,12 +198,18 @@ class TiuConn:
 
     fd = None  # many sockets: no single one for the loop to watch
 
-    def __init__(self, router: TiuRouter, packets: Packets, sockets: dict, device: str,
+    # the loop, set by watch() (the loop starts the edge before anything else runs)
+    loop: Loop[Flow]
+
+    def __init__(self, router: TiuRouter, packets: Packets, sockets: dict[int, socket.socket],
+                 device: str,
                  gso: bool = False, gro: bool = False, flow_buffer: int = FLOW_BUFFER,
                  source: str | None = None):
         self.router = router
         self.counters = router.counters
         self.packets = packets
+        # the tun edge when it coalesces (OffloadPackets): the drains write through it
+        self.offload = packets if isinstance(packets, OffloadPackets) else None
         self.sockets = sockets  # server: listen port -> socket
         self.device = device
         self.gso, self.gro = gso, gro
@@ -184,7 +218,6 @@ class TiuConn:
         self.flow_buffer = flow_buffer
         self.max_segment = BUFSIZE
         self.links: Links | None = None
-        self.loop: Any = None
         self.tun_mtu: int | None = None  # for the status document
         # RX buffer: a wire payload lands at rx_payload; the tun's headers and the
         # TCP header's first 8 bytes (the payload is 8 bytes shorter) fit in front
@@ -192,30 +225,30 @@ class TiuConn:
         self.rx_payload = self.rx_start + tiu.UDP_HEADER_LEN
         self.rxbuf = bytearray(self.rx_payload + (RX_AREA if packets.coalesces else BUFSIZE))
         self.rxview = memoryview(self.rxbuf)
-        self._aton: dict = {}
-        self._pktinfo: dict = {}
+        self._aton: dict[str, bytes] = {}
+        self._pktinfo: dict[bytes, Ancillary] = {}
         self.cmsg_space = socket.CMSG_SPACE(4) + socket.CMSG_SPACE(_PKTINFO.size)
-        self.failed: Callable[[OSError, Any, int], None] = lambda exc, dest, size: None
+        self.failed: Callable[[OSError, Address, int], None] = lambda exc, dest, size: None
         self.too_long: Callable[[int], bool] | None = None
 
     # -- the loop's edge interface -----------------------------------------------
     def describe(self) -> str:
-        return "UDP GSO %s, GRO %s" % ("on" if self.gso else "off: one sendto per segment",
-                                       "on" if self.gro else "off")
+        return (f"UDP GSO {'on' if self.gso else 'off: one sendto per segment'}, "
+                f"GRO {'on' if self.gro else 'off'}")
 
     def describe_udp(self) -> str:
         if self.router.client:
-            return "TCP-in-UDP to ports %s" % format_ranges(self.router.ranges)
-        return "TCP-in-UDP on ports %s" % format_ranges(self.router.ranges)
+            return f"TCP-in-UDP to ports {format_ranges(self.router.ranges)}"
+        return f"TCP-in-UDP on ports {format_ranges(self.router.ranges)}"
 
-    def watch(self, loop: Any) -> list:
+    def watch(self, loop: Loop[Flow]) -> list[tuple[int, Callable[[], None]]]:
         self.loop, self.links = loop, loop.links
         if self.tun_mtu is None and loop.links is not None:
             self.tun_mtu = loop.links.tun_mtu
-        watched = []
+        watched: list[tuple[int, Callable[[], None]]] = []
         for port, sock in self.sockets.items():
             sock.setblocking(False)
-            watched.append((sock.fileno(), lambda s=sock, p=port: self.on_listen(s, p)))
+            watched.append((sock.fileno(), functools.partial(self.on_listen, sock, port)))
         return watched
 
     def tick(self, now: float) -> None:
@@ -224,11 +257,11 @@ class TiuConn:
         if self.check_source:
             self._check_source()
 
-    def icmp_errors(self) -> list:
+    def icmp_errors(self) -> list[IcmpError]:
         return []
 
     # -- TX --------------------------------------------------------------------
-    def send(self, batches, flow) -> tuple[int, int]:
+    def send(self, batches: Batches, flow: Flow) -> tuple[int, int]:
         """Send wire payloads of *flow* (a client's from its own socket, opened
         on its first packet; a server's from its listen port's, from the
         address the peer sent to)."""
@@ -239,7 +272,7 @@ class TiuConn:
                 return 0, 0
         return self._send(batches, dest, True)
 
-    def _server_dest(self, flow) -> tuple:
+    def _server_dest(self, flow: Flow) -> FlowDest:
         key = flow.key
         sock = self.sockets[(key[8] << 8) | key[9]]
         src = key[0:4]
@@ -250,27 +283,29 @@ class TiuConn:
             cmsg = self._pktinfo[src] = [(socket.IPPROTO_IP, IP_PKTINFO,
                                           _PKTINFO.pack(0, src, _ZERO_ADDR))]
         addr = flow.remote
-        flow.dest = (sock, addr, cmsg, addr)
-        return flow.dest
+        dest = flow.dest = (sock, addr, cmsg, addr)
+        return dest
 
-    def _client_dest(self, flow) -> tuple | None:
+    def _client_dest(self, flow: Flow) -> FlowDest | None:
         if flow.sock is None and not self._open_flow(flow):
             return None
         return flow.dest
 
-    def _send(self, batches, dest, recut: bool) -> tuple[int, int]:
+    def _send(self, batches: Batches, dest: FlowDest, recut: bool) -> tuple[int, int]:
         """Send wire payloads; one the kernel refuses as too long because the
         bound link's MTU just fell is cut to fit (once) and sent again."""
         sock, addr, cmsg, peer = dest
         gso = self.gso
         packets = nbytes = 0
+        parts: Sequence[tuple[Buffer, Ancillary]]
         for data, size in batches:
             n = len(data)
             try:
                 if n <= size:
                     parts = ((data, cmsg),)
                 elif gso:
-                    parts = ((data, [*cmsg, (SOL_UDP, UDP_SEGMENT, size.to_bytes(2, sys.byteorder))]),)
+                    parts = ((data, [*cmsg, (SOL_UDP, UDP_SEGMENT,
+                                             size.to_bytes(2, sys.byteorder))]),)
                 else:
                     parts = [(data[off:off + size], cmsg) for off in range(0, n, size)]
                 for piece, anc in parts:
@@ -299,12 +334,12 @@ class TiuConn:
         it again, in place (a flow socket keeps its address and port: the
         server's datagrams keep arriving on it).  A flow socket that cannot be
         is closed (its flow is opened again by its next packet)."""
-        name = self.links.bind_name
+        name = links.bind_name
         try:
             for sock in self.sockets.values():
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, name.encode())
         except OSError as exc:  # EPERM without CAP_NET_RAW; ENODEV if gone again
-            self.links.bind_index = None  # still missing; the next event of it retries
+            links.bind_index = None  # still missing; the next event of it retries
             log.error("cannot bind the UDP sockets to %s again: %s", name, exc.strerror)
             return
         count = len(self.sockets)
@@ -320,7 +355,7 @@ class TiuConn:
                 continue
             count += 1
         log.info("bound interface %s is back (index %d): %d UDP sockets bound to it again",
-                 name, self.links.bind_index, count)
+                 name, links.bind_index, count)
         self.check_source = self.router.client
 
     def _check_source(self) -> None:
@@ -328,24 +363,26 @@ class TiuConn:
         IPv4 address again, it must be the one the policy rules, the route's
         source and the TCP connections use; another one ends the daemon (exit
         1: a service manager starts it again with the new address)."""
+        links = self.links
+        assert links is not None  # set by rebind(), which the loop calls with its links
         try:
-            addresses = interface_addresses(self.links.bind_name)
+            addresses = interface_addresses(links.bind_name)
         except Exception as exc:  # gone again (or netlink failed): tried at the next tick
-            log.debug("addresses of %s: %s", self.links.bind_name, exc)
+            log.debug("addresses of %s: %s", links.bind_name, exc)
             return
         if not addresses:
             return  # not given its address yet
         self.check_source = False
         if self.source not in addresses:
-            self.loop.fail(f"bound interface {self.links.bind_name} is back with the address "
-                      f"{addresses[0]}, not {self.source}: exiting (restart to use it)")
+            self.loop.fail(f"bound interface {links.bind_name} is back with the address "
+                           f"{addresses[0]}, not {self.source}: exiting (restart to use it)")
 
-    def describe_flows(self, now: float) -> dict:
+    def describe_flows(self, now: float) -> dict[str, object]:
         """The status document's part of this mode: the newest SHOWN_FLOWS flows
         (O(SHOWN_FLOWS), whatever the table holds) and how many there are."""
         router = self.router
         flows = router.flows
-        shown = []
+        shown: list[dict[str, object]] = []
         for f in itertools.islice(reversed(flows.values()), SHOWN_FLOWS):
             (lhost, lport), (rhost, rport) = f.local, f.remote
             shown.append({"local": f"{lhost}:{lport}", "remote": f"{rhost}:{rport}",
@@ -359,7 +396,7 @@ class TiuConn:
                 "flow_count": len(flows), "flows": shown}
 
     # -- client flow sockets ---------------------------------------------------
-    def _open_flow(self, flow) -> bool:
+    def _open_flow(self, flow: Flow) -> bool:
         """The UDP socket of a client flow: bound to the TCP source address and
         port on the bound interface, connected to the server's address and port."""
         if self.links is not None and not self.links.bind_present:
@@ -390,7 +427,7 @@ class TiuConn:
         self.loop.watch(sock.fileno(), lambda: self.on_flow(flow))
         return True
 
-    def _close_flow(self, flow) -> None:
+    def _close_flow(self, flow: Flow) -> None:
         sock, flow.sock, flow.dest = flow.sock, None, None
         if sock is not None:
             self.loop.unwatch(sock.fileno())
@@ -411,17 +448,18 @@ class TiuConn:
             ip = self._aton[host] = socket.inet_aton(host)
         return ip
 
-    def _local_ip(self, ancdata, sock) -> bytes:
+    def _local_ip(self, ancdata: list[tuple[int, int, bytes]], sock: socket.socket) -> bytes:
         for level, kind, data in ancdata:
             if level == socket.IPPROTO_IP and kind == IP_PKTINFO:
                 return data[8:12]
         return self._ip(sock.getsockname()[0])
 
-    def on_listen(self, sock, port: int) -> None:
+    def on_listen(self, sock: socket.socket, port: int) -> None:
         """Server: datagrams to one listen port."""
-        if self.packets.coalesces:
+        offload = self.offload
+        if offload is not None:  # the tun edge coalesces
             router = self.router
-            self._drain(sock, lambda anc: self._local_ip(anc, sock),
+            self._drain(offload, sock, lambda anc: self._local_ip(anc, sock),
                         lambda local_ip, remote_ip, rport, now, count:
                         router.rx_flow(local_ip, remote_ip, port, rport, now, count))
             return
@@ -449,14 +487,15 @@ class TiuConn:
             if n < SMALL:  # one packet at a time (an ACK, a request): epoll says if more
                 return
 
-    def on_flow(self, flow) -> None:
+    def on_flow(self, flow: Flow) -> None:
         """Client: datagrams on a flow's socket (connected: only from its server)."""
         sock = flow.sock
         if sock is None:
             return
-        if self.packets.coalesces:
+        offload = self.offload
+        if offload is not None:  # the tun edge coalesces
             key = flow.key
-            self._drain(sock, lambda anc: key[0:4], lambda *_: flow)
+            self._drain(offload, sock, lambda anc: key[0:4], lambda *_: flow)
             return
         view, recv_into = self.rxview, sock.recv_into
         target = view[self.rx_payload:self.rx_payload + BUFSIZE]
@@ -480,7 +519,7 @@ class TiuConn:
             if n < SMALL:
                 return
 
-    def deliver_tiu(self, n: int, flow, src: bytes, dst: bytes, ports: bytes) -> None:
+    def deliver_tiu(self, n: int, flow: Flow, src: bytes, dst: bytes, ports: bytes) -> None:
         """The wire payload of *n* bytes at rx_payload becomes a TCP segment in
         front of it and is written to the tun, with its TCP checksum."""
         start, buf = self.rx_start, self.rxbuf
@@ -491,7 +530,9 @@ class TiuConn:
         if self.packets.write(self.rxview[:start + seg_len]):
             self.router.received(flow, 1, seg_len)
 
-    def _drain(self, sock, local_ip_of, flow_of) -> None:
+    def _drain(self, packets: OffloadPackets, sock: socket.socket,
+               local_ip_of: Callable[[list[tuple[int, int, bytes]]], bytes],
+               flow_of: Callable[[bytes, bytes, int, float, int], Flow | None]) -> None:
         """Read what *sock* holds (GRO buffers or single datagrams) and write it
         to the tun as super-packets: a GRO buffer that is one in-order run
         directly (offload.coalesce_wire_gro), the rest decoded segment by
@@ -500,8 +541,7 @@ class TiuConn:
         recvmsg_into, cmsg_space = sock.recvmsg_into, self.cmsg_space
         classify, decode, fast = tiu.classify_payload, tiu.decode_payload, ol.coalesce_wire_gro
         now = self.loop.clock()
-        # [flow, remote ip, local ip, remote port, payloads or None, ready buffer or None]
-        groups = []
+        groups: list[_Group] = []
         off = self.rx_payload  # a lone datagram can be delivered in place from there
         limit = len(view) - BUFSIZE
         stop = False
@@ -534,22 +574,23 @@ class TiuConn:
                             self.deliver_tiu(n, flow, remote_ip, local_ip, flow.rx_ports)
                     return
                 stop = True  # one packet at a time: epoll says whether more is queued
-            last = groups[-1] if groups else None
-            same = (last is not None and last[1] == remote_ip and last[3] == peer[1]
-                    and last[2] == local_ip)
+            last = groups[-1] if groups else None  # kept only if of the same peer
+            if last is not None and (last[1] != remote_ip or last[3] != peer[1]
+                                     or last[2] != local_ip):
+                last = None
             if seg_size and n > seg_size and n >= tiu.WIRE_MIN:
-                flow = last[0] if same else flow_of(local_ip, remote_ip, peer[1], now,
-                                                    -(-n // seg_size))
+                flow = last[0] if last is not None else flow_of(local_ip, remote_ip, peer[1], now,
+                                                                -(-n // seg_size))
                 if flow is None:
                     continue
                 out = fast(view[start:off], n, seg_size, flow.rx_ports, remote_ip, local_ip,
                            router.ident + 1)
                 if out is not None:
                     router.next_ident()
-                    groups.append([flow, remote_ip, local_ip, peer[1], None, out])
+                    groups.append((flow, remote_ip, local_ip, peer[1], None, out))
                     continue
             payloads = ol.split_gro(view[start:off], n, seg_size) if n else (view[start:off],)
-            good = []
+            good: list[Buffer] = []
             for p in payloads:
                 reason = classify(p)
                 if reason is None:
@@ -558,22 +599,23 @@ class TiuConn:
                     counters["rx_drop_" + reason] += 1
             if not good:
                 continue
-            if same and last[4] is not None:
+            if last is not None and last[4] is not None:
                 last[4].extend(good)
                 continue
-            flow = last[0] if same else flow_of(local_ip, remote_ip, peer[1], now, len(good))
+            flow = last[0] if last is not None else flow_of(local_ip, remote_ip, peer[1], now,
+                                                            len(good))
             if flow is None:
                 continue
-            groups.append([flow, remote_ip, local_ip, peer[1], good, None])
-        packets = self.packets
-        for flow, remote_ip, local_ip, _port, payloads, ready in groups:
+            groups.append((flow, remote_ip, local_ip, peer[1], good, None))
+        for flow, remote_ip, local_ip, _port, segs, ready in groups:
             if ready is not None:
                 npackets, nbytes = ol.wire_size(ready)
                 lost, lost_bytes = packets.write_buffers((ready,))
                 npackets, nbytes = npackets - lost, nbytes - lost_bytes
             else:
+                assert segs is not None  # a group holds payloads or a ready buffer
                 ports = flow.rx_ports
-                npackets, nbytes = packets.write_segments([decode(p, ports) for p in payloads],
+                npackets, nbytes = packets.write_segments([decode(p, ports) for p in segs],
                                                           remote_ip, local_ip, router.next_ident)
             flow.last = now
             router.received(flow, npackets, nbytes)
@@ -581,18 +623,17 @@ class TiuConn:
 # --------------------------------------------------------------------------- start-up
 
 
-def open_listen_sockets(ranges, device: str, address: str) -> dict:
+def open_listen_sockets(ranges: list[tuple[int, int]], device: str,
+                        address: str) -> dict[int, socket.socket]:
     """Server: one UDP socket per listen port, with IP_PKTINFO (the address
     each datagram was sent to)."""
     needed = count_ports(ranges) + 64
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != resource.RLIM_INFINITY and soft < needed:
-        try:
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (min(needed, hard) if hard !=
                                                         resource.RLIM_INFINITY else needed, hard))
-        except (ValueError, OSError):
-            pass
-    sockets = {}
+    sockets: dict[int, socket.socket] = {}
     try:
         for lo, hi in ranges:
             for port in range(lo, hi + 1):
@@ -601,8 +642,9 @@ def open_listen_sockets(ranges, device: str, address: str) -> dict:
                                     buffer=FLOW_BUFFER if len(sockets) < 16 else 1 << 20)
                 except OSError as exc:
                     if exc.errno == errno.EMFILE:
-                        raise OperatorError(f"cannot open {count_ports(ranges)} UDP sockets: too "
-                                            "many open files (raise the limit, ulimit -n)") from None
+                        raise OperatorError(f"cannot open {count_ports(ranges)} UDP sockets: "
+                                            "too many open files (raise the limit, "
+                                            "ulimit -n)") from None
                     raise
                 sockets[port] = sock
                 sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
@@ -613,7 +655,7 @@ def open_listen_sockets(ranges, device: str, address: str) -> dict:
     return sockets
 
 
-def port_ranges(option: str, items) -> list:
+def port_ranges(option: str, items: Iterable[str | int]) -> list[tuple[int, int]]:
     try:
         ranges = parse_port_ranges(items)
     except ValueError as exc:
@@ -624,8 +666,8 @@ def port_ranges(option: str, items) -> list:
     return ranges
 
 
-def run(args, mtu: int | None, services_for, bind_index: int | None = None,
-        bind_mtu: int | None = None) -> None:
+def run(args: argparse.Namespace, mtu: int, services_for: Callable[[int], list[Service]],
+        bind_index: int | None = None, bind_mtu: int | None = None) -> None:
     """Start the TCP-in-UDP mode with the parsed command line; returns when it
     stopped.  The loop follows the tun and the bound interface (*bind_index*,
     *bind_mtu* at start) with faults.Links, without overhead or MSS clamp."""
@@ -647,7 +689,7 @@ def run(args, mtu: int | None, services_for, bind_index: int | None = None,
             except ValueError:
                 raise OperatorError(f"--route {cidr!r} is not an IPv4 prefix") from None
         source = interface_address(args.bind_to_interface)
-        sockets = {}
+        sockets: dict[int, socket.socket] = {}
     else:
         if args.listen_port is None:
             raise OperatorError("--wire tcp-in-udp as a server needs --listen-port: the "
@@ -656,9 +698,11 @@ def run(args, mtu: int | None, services_for, bind_index: int | None = None,
         sockets = open_listen_sockets(ranges, args.bind_to_interface,
                                       args.listen_address or "0.0.0.0")
         source = None
-    tun = routing = rp = None
+    tun: Tun | None = None
+    routing: PolicyRouting | None = None
+    rp: RpFilter | None = None
     router = TiuRouter(client, ranges, args.peer_timeout, args.max_peers, args.admission_rate)
-    tunnel = conn = None
+    conn: TiuConn | None = None
     try:
         tun, offload = open_tun(args.interface, mtu, args.tun_address4, not args.no_offload)
         tun.refresh_address()
@@ -670,8 +714,9 @@ def run(args, mtu: int | None, services_for, bind_index: int | None = None,
                 for lo, hi in ranges:
                     # by source first (a second path's subflows bound to its address),
                     # then any source (new connections)
-                    routing.rule(RULE_PRIORITY, src=source, src_len=32, dst=str(net.network_address),
-                                 dst_len=net.prefixlen, dport_range=f"{lo}:{hi}")
+                    routing.rule(RULE_PRIORITY, src=source, src_len=32,
+                                 dst=str(net.network_address), dst_len=net.prefixlen,
+                                 dport_range=f"{lo}:{hi}")
                     routing.rule(RULE_PRIORITY + 1, dst=str(net.network_address),
                                  dst_len=net.prefixlen, dport_range=f"{lo}:{hi}")
         else:

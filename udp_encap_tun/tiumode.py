@@ -29,7 +29,7 @@ import struct
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeAlias
 
 from . import auth
 from .core import Counters, Router, Warnings
@@ -81,6 +81,13 @@ def format_ranges(ranges: Iterable[tuple[int, int]]) -> str:
     return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in ranges)
 
 
+# ancillary data of a sendmsg: [(level, type, data)]
+Ancillary: TypeAlias = Sequence[tuple[int, int, bytes]]
+# where a flow's packets go, as the I/O edge (tiudev.TiuConn) sends them: (socket,
+# destination address or None (a connected socket), ancillary data, the peer)
+FlowDest: TypeAlias = "tuple[socket.socket, tuple[str, int] | None, Ancillary, tuple[str, int]]"
+
+
 @dataclass(slots=True, eq=False)
 class Flow:
     key: bytes  # local address, remote address, local port, remote port (12 bytes)
@@ -88,7 +95,7 @@ class Flow:
     last: float  # its last packet
     moved: float = 0.0  # when it last moved to the end of TiuRouter.order
     sock: socket.socket | None = None  # client: the flow's UDP socket (the I/O edge's)
-    dest: object = None  # client: where its packets go, as the I/O edge sends them
+    dest: FlowDest | None = None  # where its packets go, as the I/O edge sends them
     rx_packets: int = 0
     rx_bytes: int = 0
     tx_packets: int = 0

@@ -15,7 +15,7 @@ import os
 import socket
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Final
 
 from pyroute2 import IPRoute
@@ -418,7 +418,7 @@ class Packets:
             return False
         return True
 
-    def write_segments(self, segments: list[memoryview], src: bytes, dst: bytes,
+    def write_segments(self, segments: Sequence[Buffer], src: bytes, dst: bytes,
                        next_ident: Callable[[], int]) -> tuple[int, int]:
         """Write received TCP segments of one peer, in arrival order, as IPv4
         packets from *src* to *dst*: (packets, bytes) of them that went in."""
@@ -466,7 +466,7 @@ class OffloadPackets(Packets):
         self.counters["tx_drop_unsupported_gso"] += 1
         return None
 
-    def write_segments(self, segments: list[memoryview], src: bytes, dst: bytes,
+    def write_segments(self, segments: Sequence[Buffer], src: bytes, dst: bytes,
                        next_ident: Callable[[], int]) -> tuple[int, int]:
         packets, nbytes = len(segments), sum(map(len, segments))
         lost, lost_bytes = self.write_buffers(ol.coalesce(segments, src, dst, next_ident))
