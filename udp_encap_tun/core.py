@@ -18,12 +18,12 @@ from collections import Counter
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Final
 
-from . import auth
-from . import packet as pk
+from . import auth, packet as pk
 from .store import AddressPool, Entry, Peer, PeerStore
 
 if TYPE_CHECKING:  # aliases only: the I/O edge is not imported here
-    from .conn import Batches, Buffer
+    from .conn import Batches
+    from .packet import ReadBuffer, WriteBuffer
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ class Router:
                                 *entry.peer, ipaddress.IPv4Address(entry.address))
 
     # -- TX: tun -> UDP -----------------------------------------------------
-    def tx(self, pkt: Buffer, now: float) -> tuple[Peer, Entry | None] | None:
+    def tx(self, pkt: WriteBuffer, now: float) -> tuple[Peer, Entry | None] | None:
         """A packet read from the tun: (UDP destination, store entry to count on
         or None), or None if it is dropped (counted).  A TCP SYN's MSS is clamped
         here.  Then the loop gives its wire segments to held() (if ``holds``),
@@ -215,7 +215,7 @@ class Router:
                 self.clamp(pkt[hlen:pk.packet_length(pkt)], "tx")
         return route
 
-    def clamp(self, segment: Buffer, direction: str) -> None:
+    def clamp(self, segment: WriteBuffer, direction: str) -> None:
         """Clamp the MSS of a SYN (the callers check ``mss`` is set first)."""
         mss = self.mss
         if mss is not None and pk.clamp_mss(segment, mss):
@@ -270,7 +270,7 @@ class Router:
         return route
 
     # -- RX: UDP -> tun -----------------------------------------------------
-    def rx_segment(self, seg: Buffer, peer: Peer, now: float) -> bool:
+    def rx_segment(self, seg: WriteBuffer, peer: Peer, now: float) -> bool:
         """A datagram from *peer*: True if it is a TCP segment for the tun (a
         SYN's MSS clamped), else it was handled here: a keepalive (answered
         through the outbox), a control message, or junk (counted)."""
@@ -375,7 +375,7 @@ class Router:
                 self.sent(dest, now)
 
     # -- authentication --------------------------------------------------------
-    def control(self, datagram: Buffer, peer: Peer, now: float) -> None:
+    def control(self, datagram: ReadBuffer, peer: Peer, now: float) -> None:
         """A datagram that is no TCP segment and looks like a control message."""
         msg = auth.parse(datagram)
         server = self.servers.get(peer) if self.client else None

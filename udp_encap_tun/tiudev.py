@@ -22,9 +22,7 @@ from typing import Any, Final, TypeAlias
 
 from pyroute2 import IPRoute
 
-from . import offload as ol
-from . import packet as pk
-from . import tiu
+from . import offload as ol, packet as pk, tiu
 from .conn import (
     SOL_UDP,
     UDP_GRO,

@@ -23,9 +23,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
-from . import offload as ol
-from . import packet as pk
-from . import tiu
+from . import offload as ol, packet as pk, tiu
 from .conn import Batches, Buffer
 from .errors import OperatorError, interface_name_problem
 from .faults import LinkEvent
