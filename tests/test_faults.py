@@ -13,11 +13,10 @@ import pytest
 
 import testkit
 from udp_encap_tun import offload, packet
-from udp_encap_tun import tun as tun_module
 from udp_encap_tun.core import Router
+from udp_encap_tun.faults import LinkEvent, Links, ReadErrors, tun_mtu_for
 from udp_encap_tun.loop import default_wire
 from udp_encap_tun.tun import TunGone
-from udp_encap_tun.faults import LinkEvent, Links, ReadErrors, tun_mtu_for
 
 TUN, ETH, OTHER = 7, 2, 3
 
@@ -295,7 +294,7 @@ def test_tun_deleted_event_ends_the_loop_with_a_reason():
 def test_tun_read_ebadfd_ends_the_loop(monkeypatch, kind):
     t = make_tunnel(kind, FakeSocket(1472), FakeTun(), links())
     t.running = True
-    monkeypatch.setattr(tun_module.os, "readv", raiser(errno.EBADFD))
+    monkeypatch.setattr(t.packets, "read", raiser(errno.EBADFD))
     with pytest.raises(TunGone, match="tun tun0 was deleted"):  # the loop ends with it
         t.on_tun()
     assert "tx_read_error" not in t.counters
@@ -313,7 +312,7 @@ def test_a_tun_read_failing_again_and_again_is_paused_not_spun(monkeypatch):
         t.poller = select.epoll()
         t.poller.register(r, select.EPOLLIN)
         os.write(w, b"x")  # readable: epoll would wake the loop for ever
-        monkeypatch.setattr(tun_module.os, "readv", raiser(errno.EIO))
+        monkeypatch.setattr(t.packets, "read", raiser(errno.EIO))
         calls = 0
         while t.poller.poll(0) and calls < 1000:
             t.on_tun()

@@ -329,7 +329,7 @@ class OffloadDatagrams(Datagrams):
 
     def recv(self, view: memoryview) -> tuple[int, Address, int]:
         n, ancdata, _flags, peer = self._recvmsg_into((view,), self._cmsg_space)
-        return n, peer, gro_size(ancdata)
+        return n, peer, gro_size(ancdata) if ancdata else 0
 
 
 def _ignore(exc: OSError, dest: Address, size: int) -> None:

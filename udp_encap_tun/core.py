@@ -19,6 +19,7 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING, Final
 
 from . import auth, packet as pk
+from .packet import SYN, classify_rx, classify_tx
 from .store import AddressPool, Entry, Peer, PeerStore
 
 if TYPE_CHECKING:  # aliases only: the I/O edge is not imported here
@@ -204,15 +205,20 @@ class Router:
         or None), or None if it is dropped (counted).  A TCP SYN's MSS is clamped
         here.  Then the loop gives its wire segments to held() (if ``holds``),
         sends them, and reports with sent_data()."""
-        reason = pk.classify_tx(pkt)
+        reason = classify_tx(pkt)
         if reason is not None:
             self.counters["tx_drop_" + reason] += 1
             return None
-        route = self.tx_destination(pk.destination(pkt), now)
-        if route is not None and self.mss:
-            hlen = pk.header_len(pkt)
-            if pkt[hlen + 13] & pk.SYN:
-                self.clamp(pkt[hlen:pk.packet_length(pkt)], "tx")
+        # the header offsets of either family inline (pk.header_len and its kin
+        # say the same): this runs for every packet
+        if pkt[0] >> 4 == 4:
+            route = self.tx_destination(bytes(pkt[16:20]), now)
+            hlen = 20
+        else:
+            route = self.tx_destination(bytes(pkt[24:40]), now)
+            hlen = 40
+        if route is not None and self.mss and pkt[hlen + 13] & SYN:
+            self.clamp(pkt[hlen:pk.packet_length(pkt)], "tx")
         return route
 
     def clamp(self, segment: WriteBuffer, direction: str) -> None:
@@ -274,9 +280,9 @@ class Router:
         """A datagram from *peer*: True if it is a TCP segment for the tun (a
         SYN's MSS clamped), else it was handled here: a keepalive (answered
         through the outbox), a control message, or junk (counted)."""
-        reason = pk.classify_rx(seg)
+        reason = classify_rx(seg)
         if reason is None:
-            if seg[13] & pk.SYN and self.mss:
+            if seg[13] & SYN and self.mss:
                 self.clamp(seg, "rx")
             return True
         if not seg:

@@ -11,6 +11,7 @@ The simple and the offload path are the same loop given other edges."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -78,10 +79,11 @@ class Pending:
     def __init__(self, fd: int):
         self._epoll = select.epoll()
         self._epoll.register(fd, select.EPOLLIN)
-        self._poll = self._epoll.poll
+        # what the data path calls: the bound C method itself (a non-empty list: queued)
+        self.now = functools.partial(self._epoll.poll, 0)
 
     def __call__(self) -> bool:
-        return bool(self._poll(0))
+        return bool(self.now())
 
     def close(self) -> None:
         self._epoll.close()
@@ -262,14 +264,16 @@ class Loop(Generic[Dest]):
         """Packets from the tun become UDP datagrams."""
         packets, router, conn = self.packets, self.router, self.conn
         read, packet, segments, send = packets.read, packets.packet, packets.segments, conn.send
-        tx, holds, sent_data, pending = router.tx, router.holds, router.sent_data, self.tun_pending
+        tx, holds, sent_data = router.tx, router.holds, router.sent_data
+        pending = self.tun_pending.now
         now = self.clock()
         for _ in range(BATCH):
             try:
                 n = read()
             except BlockingIOError:
                 return
-            except OSError as exc:  # TunGone goes up to the loop
+            except OSError as exc:
+                packets.check_gone(exc)  # raises TunGone: the loop ends
                 self.counters["tx_read_error"] += 1
                 log.debug("tun read: %s", exc)
                 self._read_failed(self.tun_errors, packets.fd, "tun " + self.tun.name)
@@ -307,13 +311,14 @@ class Loop(Generic[Dest]):
         whole drain, each run of one peer's segments written coalesced."""
         view, router, conn = self.rxview, self.router, self.datagrams
         recv, split, rx_segment = conn.recv, conn.split, router.rx_segment
-        pending, coalesces = self.udp_pending, self.packets.coalesces
+        pending = self.udp_pending
         assert pending is not None  # on_udp is registered only by conn.Datagrams (conn.fd set)
+        pending_now, coalesces = pending.now, self.packets.coalesces
         now = self.clock()
         groups: list[tuple[Address, list[memoryview]]] = []
         off = start = self.rx_start
         limit = len(view) - BUFSIZE
-        more = True
+        more: object = True  # a bool, or pending_now()'s list (non-empty: queued)
         for _ in range(self.rx_batch):
             if off > limit or not more:
                 break
@@ -325,7 +330,7 @@ class Loop(Generic[Dest]):
                 if self._udp_read_failed(exc):
                     break
                 continue
-            more = n >= SMALL or pending()
+            more = n >= SMALL or pending_now()
             if not seg_size and (not coalesces or (not more and off == start)):
                 self.deliver(n, peer, now)  # nothing to coalesce (request/response)
                 continue

@@ -211,8 +211,29 @@ def build_rx_packet(buf: bytearray, seg_len: int, ident: int, src: bytes, dst: b
     if len(src) == 16:
         build_rx_packet6(buf, seg_len, src, dst, offset)
         return
-    fill_tcp_checksum(buf, offset + IPV4_HEADER_LEN, seg_len, src, dst)
-    write_ipv4_header(buf, offset, IPV4_HEADER_LEN + seg_len, ident, src, dst)
+    # fill_tcp_checksum and write_ipv4_header in one body: every received packet
+    # of the simple path comes here, and each Python call costs
+    sums = _address_sums.get((src, dst)) or address_sums(src, dst)
+    tcp = offset + IPV4_HEADER_LEN
+    buf[tcp + 16] = buf[tcp + 17] = 0
+    value = int.from_bytes(buf[tcp:tcp + seg_len], "big")
+    if seg_len & 1:
+        value <<= 8
+    total = value % 0xFFFF
+    if total == 0 and value:
+        total = 0xFFFF
+    total += sums[1] + seg_len
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    csum = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
+    buf[tcp + 16] = csum >> 8
+    buf[tcp + 17] = csum & 0xFF
+    ident &= 0xFFFF
+    total = sums[0] + IPV4_HEADER_LEN + seg_len + ident
+    total = (total & 0xFFFF) + (total >> 16)
+    _IP_HDR.pack_into(buf, offset, 0x45, 0, IPV4_HEADER_LEN + seg_len, ident, 0x4000,
+                      DEFAULT_TTL, IPPROTO_TCP, ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF,
+                      src, dst)
 
 
 def clamp_mss(segment: WriteBuffer, mss_max: int) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import ipaddress
 import logging
 import os
@@ -357,6 +358,7 @@ class Packets:
         self.max_segment = BUFSIZE  # the largest wire segment the bound link carries
         self.buf = bytearray(BUFSIZE + 16)
         self.view = memoryview(self.buf)
+        self.read = functools.partial(os.readv, self.fd, (self.buf,))  # type: ignore[method-assign]
 
     def describe(self) -> str:
         return "one packet per system call"
@@ -364,14 +366,10 @@ class Packets:
     # -- TX --------------------------------------------------------------------
     def read(self) -> int:
         """Read one packet into ``buf``: its length.  Raises BlockingIOError when
-        none is queued, TunGone, or OSError."""
-        try:
-            return os.readv(self.fd, (self.buf,))
-        except BlockingIOError:
-            raise
-        except OSError as exc:
-            self._check_gone(exc)
-            raise
+        none is queued, or OSError (check_gone says whether the tun is gone).
+        The instance's ``read`` is os.readv bound to the fd and buffer (no
+        Python frame per packet); this method is what it does."""
+        return os.readv(self.fd, (self.buf,))
 
     def packet(self, n: int) -> tuple[memoryview, int] | None:
         """The IPv4 packet of a read of *n* bytes and its GSO size (0: one segment)."""
@@ -380,7 +378,10 @@ class Packets:
     def segments(self, pkt: memoryview, gso_size: int) -> Batches | None:
         """The wire segments of a validated TCP packet, cut to fit the bound
         link, or None (counted) if they cannot be."""
-        total, hlen = pk.packet_length(pkt), pk.header_len(pkt)
+        if pkt[0] >> 4 == 4:  # pk.packet_length and pk.header_len inline (every packet)
+            total, hlen = (pkt[2] << 8) | pkt[3], 20
+        else:
+            total, hlen = 40 + ((pkt[4] << 8) | pkt[5]), 40
         tcp_len = total - hlen
         if gso_size:
             if ((pkt[hlen + 12] >> 4) << 2) + gso_size > self.max_segment:
@@ -410,7 +411,7 @@ class Packets:
         try:
             os.write(self.fd, data)
         except OSError as exc:
-            self._check_gone(exc)
+            self.check_gone(exc)
             self.counters["rx_drop_write_error"] += 1
             log.debug("tun write: %s", exc)
             return False
@@ -432,7 +433,8 @@ class Packets:
                 nbytes += n
         return packets, nbytes
 
-    def _check_gone(self, exc: OSError) -> None:
+    def check_gone(self, exc: OSError) -> None:
+        """Raise TunGone if *exc* says the tun was deleted under us."""
         if exc.errno in TUN_GONE:
             log.debug("tun %s: %s", self.tun.name, exc.strerror)
             raise TunGone(f"tun {self.tun.name} was deleted: exiting") from None
