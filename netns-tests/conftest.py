@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from uetlab import DATAPATHS, Lab, Pair, remove_registered, require_root
+from uetlab import DATAPATHS, Lab, Pair, Pair6, remove_registered, require_root
 
 # the packet builders the unit tests use too (tests/testkit.py); appended, so
 # that no module here is shadowed by one of tests/
@@ -71,3 +71,17 @@ def tunnel(pair) -> Pair:
     pair.start_server()
     pair.start_client()
     return pair
+
+
+@pytest.fixture
+def pair6(lab) -> Pair6:
+    """Namespaces C and S joined by a veth over IPv6 only (no tunnels yet)."""
+    return Pair6(lab)
+
+
+@pytest.fixture
+def tunnel6(pair6) -> Pair6:
+    """The IPv6-only pair with the server and client tunnels running."""
+    pair6.start_server()
+    pair6.start_client()
+    return pair6

@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import ctypes
 import hashlib
+import ipaddress
 import json
 import os
 import random
@@ -49,7 +50,14 @@ import sys
 import time
 from pathlib import Path
 
-from uetlab import json_lines, read_text, register_namespace, remove_namespace, wait_for
+from uetlab import (
+    NEW_PEER_RE,
+    json_lines,
+    read_text,
+    register_namespace,
+    remove_namespace,
+    wait_for,
+)
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -71,9 +79,15 @@ LINKS = [
     ("wan0", "10.77.1.2/24", "rc0", "10.77.1.1/24", "tunA", "10.9.1.2"),
     ("wan1", "10.77.2.2/24", "rc1", "10.77.2.1/24", "tunB", "10.9.2.2"),
 ]
+# one IPv4 and one IPv6 WAN (``BondLab(links=MIXED_LINKS)``): the second link's tunnel
+# carries IPv6 TCP over IPv6 to the server's IPv6 address, which the server announces
+SERVER_ADDR6, SERVER_TUN_CIDR6 = "2001:db8:77:3::2", "fd00:9::1/64"
+MIXED_LINKS = [
+    LINKS[0],
+    ("wan1", "2001:db8:77:2::2/64", "rc1", "2001:db8:77:2::1/64", "tunB", "fd00:9:2::2"),
+]
 
 COUNTERS_RE = re.compile(r"\bcounters (\{.*\})\s*$")
-NEW_PEER_RE = re.compile(r"\bnew peer ([0-9.]+):(\d+) -> ([0-9.]+)")
 
 def skip_reason() -> str | None:
     """Why these tests cannot run here, or None."""
@@ -149,8 +163,11 @@ class BondLab:
     """Client, router and server namespaces (see the module docstring) with the
     bond scripts; ``cleanup`` takes everything down whatever state it is in."""
 
-    def __init__(self, tmp: Path, mtus=(1500, 1500)):
+    def __init__(self, tmp: Path, mtus=(1500, 1500), links=LINKS):
         self.tmp = Path(tmp)
+        self.links = links
+        # IPv6 outside too (router, server) when a link is IPv6
+        self.ipv6 = any(":" in link[5] for link in links)
         self.suffix = secrets.token_hex(3)
         self.namespaces: list[Namespace] = []
         self.procs: list[subprocess.Popen] = []
@@ -165,11 +182,16 @@ class BondLab:
             ns.sysctl("net.ipv4.conf.all.rp_filter", 2)
             ns.sysctl("net.ipv4.conf.default.rp_filter", 2)
         self.r.sysctl("net.ipv4.ip_forward", 1)
-        for (wan, wan_cidr, rif, r_cidr, _tun, _addr), mtu in zip(LINKS, mtus, strict=False):
+        for (wan, wan_cidr, rif, r_cidr, _tun, _addr), mtu in zip(links, mtus, strict=False):
             self._veth(self.c, wan, wan_cidr, self.r, rif, r_cidr, mtu)
         self._veth(self.r, "rs", "10.77.3.1/24", self.s, "swan", f"{SERVER_ADDR}/24", 1500)
-        self.c.ip("route", "add", "default", "via", LINKS[0][3].split("/")[0], "dev", LINKS[0][0])
+        self.c.ip("route", "add", "default", "via", links[0][3].split("/")[0], "dev", links[0][0])
         self.s.ip("route", "add", "default", "via", "10.77.3.1", "dev", "swan")
+        if self.ipv6:
+            self.r.sysctl("net.ipv6.conf.all.forwarding", 1)
+            self.r.ip("addr", "add", "2001:db8:77:3::1/64", "dev", "rs", "nodad")
+            self.s.ip("addr", "add", f"{SERVER_ADDR6}/64", "dev", "swan", "nodad")
+            self.s.ip("-6", "route", "add", "default", "via", "2001:db8:77:3::1", "dev", "swan")
 
     def _netns(self, role: str) -> Namespace:
         ns = Namespace(f"{PREFIX}{self.suffix}-{role}")
@@ -182,7 +204,7 @@ class BondLab:
         a.ip("link", "add", "name", a_if, "mtu", mtu, "type", "veth",
              "peer", "name", b_if, "mtu", mtu, "netns", b.name)
         for ns, ifname, cidr in ((a, a_if, a_cidr), (b, b_if, b_cidr)):
-            ns.ip("addr", "add", cidr, "dev", ifname)
+            ns.ip("addr", "add", cidr, "dev", ifname, *(["nodad"] if ":" in cidr else []))
             ns.ip("link", "set", ifname, "up")
 
     # -- the scripts ---------------------------------------------------------
@@ -192,7 +214,9 @@ class BondLab:
     def client_args(self, *, gateway_for_wan1: bool = True) -> list[str]:
         args = ["--server", SERVER_ADDR, "--server-port", UDP_PORT, "--listen-port", UDP_PORT,
                 "--run-dir", self.client_run, "--tunnel-cmd", self.tunnel_cmd()]
-        for i, (wan, _wc, _rif, r_cidr, tun, addr) in enumerate(LINKS):
+        if self.ipv6:
+            args += ["--server", SERVER_ADDR6]
+        for i, (wan, _wc, _rif, r_cidr, tun, addr) in enumerate(self.links):
             spec = f"{wan},{tun},{addr}"
             if i > 0 and gateway_for_wan1:
                 spec += "," + r_cidr.split("/")[0]
@@ -200,7 +224,8 @@ class BondLab:
         return args
 
     def server_args(self) -> list[str]:
-        return ["--wan", "swan", "--tun", SERVER_TUN, "--address", SERVER_TUN_CIDR,
+        ipv6 = ["--address", SERVER_TUN_CIDR6, "--announce", SERVER_ADDR6] if self.ipv6 else []
+        return ["--wan", "swan", "--tun", SERVER_TUN, "--address", SERVER_TUN_CIDR, *ipv6,
                 "--listen-port", UDP_PORT, "--run-dir", self.server_run,
                 "--tunnel-cmd", self.tunnel_cmd()]
 
@@ -240,7 +265,7 @@ class BondLab:
     # -- link conditions (all in the router namespace unless said) ---------------
     def shape(self, rate: str) -> None:
         """tbf at *rate* on both WAN paths, both directions (client and router egress)."""
-        for wan, _wc, rif, *_ in LINKS:
+        for wan, _wc, rif, *_ in self.links:
             for ns, dev in ((self.c, wan), (self.r, rif)):
                 ns.run("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
                        "burst", "64kb", "latency", "40ms")
@@ -281,13 +306,18 @@ table ip uetmp_nat {
 
     # -- transfers -------------------------------------------------------------
     def xfer_server(self, port: int, *mode, tag: str = "server") -> Endpoint:
-        ep = Endpoint(self, self.s, ["--listen", port, *mode], tag)
+        listen = ["--listen-host", "::"] if self.ipv6 else []  # both families, one socket
+        ep = Endpoint(self, self.s, ["--listen", port, *listen, *mode], tag)
         wait_for(lambda: ep.lines() or ep.proc.poll() is not None, 15, "the MPTCP listener")
         assert ep.lines() and ep.lines()[0].get("event") == "listening", ep.text()
         return ep
 
     def xfer_client(self, port: int, *mode, tag: str = "client") -> Endpoint:
-        return Endpoint(self, self.c, ["--connect", f"{SERVER_ADDR}:{port}", *mode], tag)
+        # with IPv6 links, an IPv6 socket to the server's IPv4 address (v4-mapped): the
+        # kernel gives an MPTCP socket subflows of its own family only (AF_INET: IPv4
+        # only; AF_INET6 without V6ONLY: both)
+        host = f"[::ffff:{SERVER_ADDR}]" if self.ipv6 else SERVER_ADDR
+        return Endpoint(self, self.c, ["--connect", f"{host}:{port}", *mode], tag)
 
     def transfer(self, size: int, port: int = 7000, direction: str = "upload",
                  timeout: float = 45, during=None) -> dict:
@@ -322,7 +352,7 @@ table ip uetmp_nat {
         extra = ["--tcp"] if tcp else []
         send, recv = ["--send-seconds", seconds], ["--recv"]
         key = "tx_bytes" if direction == "upload" else "rx_bytes"
-        before = {link[4]: self.counters(link[4]).get(key, 0) for link in LINKS}
+        before = {link[4]: self.counters(link[4]).get(key, 0) for link in self.links}
         server = self.xfer_server(port, *(recv if direction == "upload" else send), *extra,
                                   tag=f"bench-server-{direction}")
         client = self.xfer_client(port, *(send if direction == "upload" else recv), *extra,
@@ -337,7 +367,7 @@ table ip uetmp_nat {
 
     def logs(self) -> str:
         out = []
-        for tun in (SERVER_TUN, *(link[4] for link in LINKS)):
+        for tun in (SERVER_TUN, *(link[4] for link in self.links)):
             out.append(f"===== {tun}.log\n{self.tunnel_log(tun)}")
         for path in sorted(self.tmp.glob("xfer-*.out")):
             out.append(f"===== {path.name}\n{path.read_text(errors='replace')}")
@@ -418,10 +448,15 @@ def subflow_addrs(sock: socket.socket) -> list[tuple[str, str]] | None:
         for half in (0, 128):
             off = head + i * item + half
             family, port = struct.unpack_from("=HH", buf, off)
-            if family != socket.AF_INET:
+            if family == socket.AF_INET:
+                host = socket.inet_ntoa(buf.raw[off + 4:off + 8])
+            elif family == socket.AF_INET6:  # sockaddr_in6: flowinfo, then the address
+                address = ipaddress.IPv6Address(buf.raw[off + 8:off + 24])
+                host = str(address.ipv4_mapped or address)  # a dual-stack socket's IPv4
+            else:
                 pair.append(f"family {family}")
                 continue
-            pair.append(f"{socket.inet_ntoa(buf.raw[off + 4:off + 8])}:{socket.ntohs(port)}")
+            pair.append(f"{host}:{socket.ntohs(port)}")
         addrs.append(tuple(pair))
     return addrs
 
@@ -539,6 +574,8 @@ def xfer_main(argv) -> int:
     what.add_argument("--recv", action="store_true")
     what.add_argument("--send", type=int, metavar="BYTES")
     what.add_argument("--send-seconds", type=float, metavar="S")
+    p.add_argument("--listen-host", default="0.0.0.0",
+                   help="listen address ('::': IPv6, and IPv4 as v4-mapped)")
     p.add_argument("--tcp", action="store_true", help="plain TCP instead of MPTCP")
     p.add_argument("--bind", metavar="ADDR", help="connect from this local address")
     p.add_argument("--seed", type=int, default=1)
@@ -548,9 +585,12 @@ def xfer_main(argv) -> int:
     lsock = None
     try:
         if args.listen is not None:
-            lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+            family = socket.AF_INET6 if ":" in args.listen_host else socket.AF_INET
+            lsock = socket.socket(family, socket.SOCK_STREAM, proto)
             lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            lsock.bind(("0.0.0.0", args.listen))
+            if family == socket.AF_INET6:
+                lsock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            lsock.bind((args.listen_host, args.listen))
             lsock.listen(1)
             lsock.settimeout(args.timeout)
             _emit(event="listening", port=args.listen)
@@ -558,7 +598,9 @@ def xfer_main(argv) -> int:
             # lsock stays open: MP_JOIN SYNs of the connection's later subflows arrive at it
         else:
             host, port = args.connect.rsplit(":", 1)
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, proto)
+            host = host.strip("[]")
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                                 socket.SOCK_STREAM, proto)
             sock.settimeout(args.timeout)
             if args.bind:
                 sock.bind((args.bind, 0))

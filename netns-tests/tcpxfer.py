@@ -1,6 +1,7 @@
 """Byte-exact TCP transfer, one end per process (run inside a namespace).
 
     tcpxfer.py server --port P --direction upload|download [--size N] [--bind ADDR]
+                      (--bind :: listens on IPv6, and on IPv4 as v4-mapped)
     tcpxfer.py client --host H --port P --direction upload|download [--size N]
 
 ``upload`` moves N bytes client -> server, ``download`` server -> client.  The
@@ -76,7 +77,8 @@ def sink(sock: socket.socket) -> dict:
 
 
 def run_server(args) -> dict:
-    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    lsock = socket.socket(socket.AF_INET6 if ":" in args.bind else socket.AF_INET,
+                          socket.SOCK_STREAM)
     lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     lsock.bind((args.bind, args.port))
     lsock.listen(4)
@@ -94,7 +96,8 @@ def run_server(args) -> dict:
 def run_client(args) -> dict:
     deadline = time.monotonic() + args.connect_timeout
     while True:  # the path may need a moment (e.g. a fresh tunnel); retry refusals
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET,
+                             socket.SOCK_STREAM)
         sock.settimeout(min(5.0, args.connect_timeout))
         try:
             sock.connect((args.host, args.port))

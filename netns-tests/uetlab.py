@@ -30,13 +30,17 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 TCPXFER = HERE / "tcpxfer.py"
 
+IFA_F_NODAD = 0x02  # linux/if_addr.h
+
 PREFIX = "uetnt"  # namespaces of this harness: uetnt<6 hex>-<role>
 
 # The two data paths every tunnel test runs on.
 DATAPATHS = {"offload": [], "simple": ["--no-offload"]}
 
 COUNTERS_RE = re.compile(r"\bINFO counters (\{.*\})\s*$")
-NEW_PEER_RE = re.compile(r"\bnew peer ([0-9.]+):(\d+) -> ([0-9.]+)")
+# "new peer 192.0.2.1:5000 -> 10.9.0.131", "new peer 2001:db8::1:5000 -> fd00:9::83"
+# (and "[2001:db8::1]:5000" too): the port is what follows the last colon
+NEW_PEER_RE = re.compile(r"\bnew peer \[?([0-9a-fA-F.:]+?)\]?:(\d+) -> ([0-9a-fA-F.:]+)")
 READY_RE = re.compile(r"\bready: .*UDP port (\d+)")
 
 _registered_namespaces: set[str] = set()
@@ -191,11 +195,18 @@ class Namespace:
             return sorted(link.get_attr("IFLA_IFNAME") for link in ipr.get_links())
 
     def add_address(self, ifname: str, cidr: str) -> None:
+        """Add *cidr* to *ifname*; an IPv6 address without duplicate address detection
+        (usable at once, not tentative for a second or two)."""
         address, prefix = cidr.split("/")
-        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        kw = {"family": socket.AF_INET6, "flags": IFA_F_NODAD} if ":" in address else {}
         with self.ipr() as ipr:
             ipr.addr("add", index=ipr.link_lookup(ifname=ifname)[0], address=address,
-                     prefixlen=int(prefix), family=family)
+                     prefixlen=int(prefix), **kw)
+
+    def addresses(self, family: int) -> list[str]:
+        """Every address of *family* (socket.AF_INET, AF_INET6) in this namespace."""
+        with self.ipr() as ipr:
+            return sorted(a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(family=family))
 
     def add_route(self, dst: str, dev: str | None = None, gateway: str | None = None) -> None:
         kw = {"dst": dst}
@@ -327,7 +338,8 @@ class Transfer:
         self.client_out = lab.tmp / f"xfer-client-{tag}.out"
         common = ["--port", port, "--direction", direction, "--size", size,
                   "--timeout", min(timeout, 30)]
-        self.server = lab.popen(server_ns, [sys.executable, TCPXFER, "server", *common,
+        bind = ["--bind", "::"] if ":" in host else []  # an IPv6 server for an IPv6 host
+        self.server = lab.popen(server_ns, [sys.executable, TCPXFER, "server", *common, *bind,
                                             "--accept-timeout", timeout], self.server_out)
         wait_for(lambda: self._lines(self.server_out) or self.server.poll() is not None, 15,
                  what="the transfer server to listen")
@@ -463,13 +475,15 @@ class Pair:
     CLIENT_IP, SERVER_IP = "192.0.2.1", "192.0.2.2"
     CLIENT_TUN_IP, SERVER_TUN_IP = "10.9.0.2", "10.9.0.1"
     PORT = 5000
+    LINK_PREFIX, TUN_PREFIX, HOST_PREFIX = 24, 24, 32  # the veth's, the server tun's, a host's
 
     def __init__(self, lab: Lab):
         self.lab = lab
         self.c, self.s = lab.netns("c"), lab.netns("s")
         self.vc, self.vs = lab.ifname("vc"), lab.ifname("vs")
         self.ctun, self.stun = lab.ifname("tc"), lab.ifname("ts")
-        lab.veth(self.c, self.vc, f"{self.CLIENT_IP}/24", self.s, self.vs, f"{self.SERVER_IP}/24")
+        lab.veth(self.c, self.vc, f"{self.CLIENT_IP}/{self.LINK_PREFIX}",
+                 self.s, self.vs, f"{self.SERVER_IP}/{self.LINK_PREFIX}")
         self.server: ToolProcess | None = None
         self.client: ToolProcess | None = None
 
@@ -478,7 +492,7 @@ class Pair:
         listen = ["--listen-port", port] if port is not None else []
         self.server = self.lab.tool(self.s, "--interface", self.stun, *listen,
                                     "--bind-to-interface", self.vs, *extra, env=env)
-        self.s.add_address(self.stun, f"{self.SERVER_TUN_IP}/24")
+        self.s.add_address(self.stun, f"{self.SERVER_TUN_IP}/{self.TUN_PREFIX}")
         return self.server
 
     def start_client(self, *extra, env=None, port: int = PORT,
@@ -487,12 +501,31 @@ class Pair:
         self.client = self.lab.tool(
             self.c, "--interface", self.ctun, "--listen-port", port,
             "--bind-to-interface", self.vc, "--endpoint-port", endpoint_port, *extra, env=env)
-        self.c.add_address(self.ctun, f"{self.CLIENT_TUN_IP}/32")
-        self.c.add_route(f"{self.SERVER_IP}/32", dev=self.ctun)
+        self.c.add_address(self.ctun, f"{self.CLIENT_TUN_IP}/{self.HOST_PREFIX}")
+        self.c.add_route(f"{self.SERVER_IP}/{self.HOST_PREFIX}", dev=self.ctun)
         return self.client
 
     def transfer(self, port: int, direction: str = "upload", size: int = 1 << 20, **kw):
         return self.lab.transfer(self.s, self.c, self.SERVER_IP, port, direction, size, **kw)
+
+
+class Pair6(Pair):
+    """The standard pair over IPv6 only: no IPv4 address anywhere (not even
+    loopback's), IPv6 outside and inside the tunnel:
+
+        C: vc 2001:db8:1::1/64, tun fd00:9::2/128, route 2001:db8:1::2/128 dev tun
+        S: vs 2001:db8:1::2/64, tun fd00:9::1/64 (pool: the rest of fd00:9::/64)
+    """
+
+    CLIENT_IP, SERVER_IP = "2001:db8:1::1", "2001:db8:1::2"
+    CLIENT_TUN_IP, SERVER_TUN_IP = "fd00:9::2", "fd00:9::1"
+    LINK_PREFIX, TUN_PREFIX, HOST_PREFIX = 64, 64, 128
+    POOL = "fd00:9::/64"
+
+    def __init__(self, lab: Lab):
+        super().__init__(lab)
+        for ns in (self.c, self.s):
+            ns.run("ip", "-4", "addr", "flush", "dev", "lo")
 
 
 def counter_delta(after: dict, before: dict, key: str) -> int:
