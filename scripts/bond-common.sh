@@ -38,28 +38,41 @@ mptcp_enable() {  # mptcp_enable N: MPTCP on, limits at least subflow N add_addr
     fi
 }
 
-ensure_address() {  # ensure_address DEV CIDR
-    if ip -4 -o addr show dev "$1" 2>/dev/null | awk '{print $4}' | grep -qxF "$2"; then
-        return 0
-    fi
-    run ip addr add "$2" dev "$1"
-    record ip addr del "$2" dev "$1"
+family_of() {  # family_of ADDR[/LEN]: -6 for an IPv6 address, else -4 (ip's family option)
+    if [[ $1 == *:* ]]; then echo -6; else echo -4; fi
 }
 
-ensure_route() {  # ensure_route "[unreachable] DST [via GW] [dev DEV] [src ADDR]" table TABLE
-    local spec=$1 table=$3 kind="" dst dev="" gw="" existing
+canonical_ip() {  # canonical_ip ADDR: the address as ip prints it (IPv4 or IPv6), or fail
+    python3 -c 'import ipaddress, sys; print(ipaddress.ip_address(sys.argv[1]))' "$1" 2>/dev/null
+}
+
+ensure_address() {  # ensure_address DEV CIDR (IPv4 or IPv6; IPv6 without DAD: usable at once)
+    local family extra=()
+    family=$(family_of "$2")
+    [ "$family" = -6 ] && extra=(nodad)
+    if ip "$family" -o addr show dev "$1" 2>/dev/null | awk '{print $4}' | grep -qxF "$2"; then
+        return 0
+    fi
+    run ip "$family" addr add "$2" dev "$1" "${extra[@]}"
+    record ip "$family" addr del "$2" dev "$1"
+}
+
+ensure_route() {  # ensure_route "[unreachable] DST [via GW] [dev DEV] [src ADDR]" table TABLE [-4|-6]
+    # (the family is that of DST; give -6 for "unreachable default" in IPv6)
+    local spec=$1 table=$3 family=${4:-} kind="" dst dev="" gw="" existing
     read -r dst _ <<<"$spec"
     if [ "$dst" = unreachable ]; then
         kind=unreachable
         read -r _ dst _ <<<"$spec"
     fi
+    [ -n "$family" ] || family=$(family_of "$dst")
     [[ $spec =~ (^| )dev\ ([^ ]+) ]] && dev=${BASH_REMATCH[2]}
     [[ $spec =~ (^| )via\ ([^ ]+) ]] && gw=${BASH_REMATCH[2]}
-    existing=$(ip route show table "$table" exact "$dst" 2>/dev/null || true)
+    existing=$(ip "$family" route show table "$table" exact "$dst" 2>/dev/null || true)
     if [ -z "$existing" ]; then
         # shellcheck disable=SC2086
-        run ip route add $spec table "$table"
-        record ip route del "$spec" table "$table"
+        run ip "$family" route add $spec table "$table"
+        record ip "$family" route del "$spec" table "$table"
     elif [ -n "$kind" ]; then
         [[ $existing == "$kind "* ]] || die "routing table $table already has another route to $dst: $existing"
     elif ! grep -q " dev $dev\( \|$\)" <<<"$existing" || { [ -n "$gw" ] && ! grep -q "via $gw " <<<"$existing"; }; then
@@ -67,14 +80,15 @@ ensure_route() {  # ensure_route "[unreachable] DST [via GW] [dev DEV] [src ADDR
     fi
 }
 
-ensure_rule() {  # ensure_rule "SELECTOR lookup TABLE" PREF
-    local want=$1 pref=$2 existing
-    existing=$(ip rule show pref "$pref" | sed -e 's/^[0-9]*:[[:space:]]*//' -e 's/from all //' \
+ensure_rule() {  # ensure_rule "SELECTOR lookup TABLE" PREF [-4|-6] (IPv4 and IPv6 rules
+    # are separate lists: the same priority may be used in both)
+    local want=$1 pref=$2 family=${3:--4} existing
+    existing=$(ip "$family" rule show pref "$pref" | sed -e 's/^[0-9]*:[[:space:]]*//' -e 's/from all //' \
         -e 's/ \[detached\]//' -e 's/[[:space:]]\+/ /g' -e 's/ $//')
     if [ -z "$existing" ]; then
         # shellcheck disable=SC2086
-        run ip rule add $want pref "$pref"
-        record ip rule del "$want" pref "$pref"
+        run ip "$family" rule add $want pref "$pref"
+        record ip "$family" rule del "$want" pref "$pref"
     elif [ "$existing" != "$want" ]; then
         die "rule priority $pref is taken by '$existing' (choose another --rule-pref)"
     fi
@@ -84,15 +98,16 @@ endpoint_id() {  # endpoint_id ADDR: the id of the MPTCP endpoint with that addr
     ip mptcp endpoint show | awk -v a="$1" '$1 == a {for (i = 2; i < NF; i++) if ($i == "id") print $(i + 1)}'
 }
 
-ensure_endpoint() {  # ensure_endpoint ADDR: an in-kernel PM endpoint that opens subflows
-    local line
+ensure_endpoint() {  # ensure_endpoint ADDR [FLAG]: an in-kernel PM endpoint (IPv4 or IPv6)
+    # that opens subflows (FLAG subflow, the default) or is announced to peers (signal)
+    local line flag=${2:-subflow}
     line=$(ip mptcp endpoint show | awk -v a="$1" '$1 == a')
     if [ -n "$line" ]; then
-        [[ " $line " == *" subflow "* ]] \
-            || warn "MPTCP endpoint for $1 exists without the subflow flag ($line); left as it is"
+        [[ " $line " == *" $flag "* ]] \
+            || warn "MPTCP endpoint for $1 exists without the $flag flag ($line); left as it is"
         return 0
     fi
-    run ip mptcp endpoint add "$1" subflow
+    run ip mptcp endpoint add "$1" "$flag"
     record endpoint "$1"
 }
 
