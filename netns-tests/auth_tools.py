@@ -24,7 +24,7 @@ from testkit import ip_packet, tcp_segment
 from udp_encap_tun import auth
 from uetlab import Lab, Namespace, Pair
 
-# --------------------------------------------------------------------------- keys
+# ------------------------------------------------------------------ keys
 
 
 def write_psk(path: Path, key: bytes | None = None) -> Path:
@@ -41,7 +41,7 @@ def read_psk(path: Path) -> bytes:
     return path.read_bytes().strip()  # what auth.load_psk keeps
 
 
-# --------------------------------------------------------------------------- kernel view
+# ------------------------------------------------------------------ kernel view
 
 
 def link_stats(ns: Namespace, ifname: str) -> dict:
@@ -78,7 +78,7 @@ def tool_pid(tool) -> int:
     raise AssertionError(f"cannot find the udp_encap_tun process under pid {pid}: {cmdline}")
 
 
-# --------------------------------------------------------------------------- handshake by hand
+# ------------------------------------------------------------------ handshake by hand
 
 
 def udp_socket(ns: Namespace, device: str, addr: str, port: int,
@@ -215,7 +215,7 @@ class Stream:
                 s.close()
 
 
-# --------------------------------------------------------------------------- spoofing
+# ------------------------------------------------------------------ spoofing
 
 
 SPOOF_NETS = [(0xCB007100, 8), (0x64400000, 22)]  # 203.0.113.0/24, 100.64.0.0/10
@@ -301,7 +301,7 @@ def nft_counter(ns: Namespace, table: str = "uetflood", name: str = "flood") -> 
     raise AssertionError(f"no counter in {out}")
 
 
-# --------------------------------------------------------------------------- topology
+# ------------------------------------------------------------------ topology
 
 
 class SwitchedPair(Pair):

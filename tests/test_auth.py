@@ -62,7 +62,8 @@ def test_challenge_to_an_earlier_hello_still_counts_after_a_retry():
 
 
 def test_wrong_key_is_refused():
-    outcome, _ = handshake(auth.ServerAuth(auth.Keys(KEY)), auth.ClientAuth(auth.Keys(b"another key of 16+ bytes")))
+    outcome, _ = handshake(auth.ServerAuth(auth.Keys(KEY)),
+                           auth.ClientAuth(auth.Keys(b"another key of 16+ bytes")))
     assert outcome == "bad_proof"
 
 
@@ -75,11 +76,13 @@ def test_replay_from_another_port_or_address_is_refused():
     for other in (("198.51.100.7", 40001), ("198.51.100.8", 40000)):
         assert server.on_control(*auth.parse(response), other, 100.0) == (None, "bad_cookie")
     # later: the cookie's window has passed
-    assert server.on_control(*auth.parse(response), CLIENT, 100.0 + 5 * auth.WINDOW_SECONDS)[1] == "stale_cookie"
+    later = 100.0 + 5 * auth.WINDOW_SECONDS
+    assert server.on_control(*auth.parse(response), CLIENT, later)[1] == "stale_cookie"
     # and across secret epochs, an old window is never honoured again
     late = 100.0 + 3 * auth.SECRET_EPOCH * auth.WINDOW_SECONDS
     server.on_control(*auth.parse(hello), CLIENT, late)  # rotates the secret
-    assert server.on_control(*auth.parse(response), CLIENT, late)[1] in ("stale_cookie", "bad_cookie")
+    assert server.on_control(*auth.parse(response), CLIENT, late)[1] in ("stale_cookie",
+                                                                        "bad_cookie")
 
 
 def test_forged_cookie_is_refused():
@@ -87,7 +90,8 @@ def test_forged_cookie_is_refused():
         b = bytearray(response)
         b[auth.HEADER_LEN + auth.NONCE_LEN + 5] ^= 1
         return bytes(b)
-    outcome, _ = handshake(auth.ServerAuth(auth.Keys(KEY)), auth.ClientAuth(auth.Keys(KEY)), tamper=flip)
+    outcome, _ = handshake(auth.ServerAuth(auth.Keys(KEY)), auth.ClientAuth(auth.Keys(KEY)),
+                           tamper=flip)
     assert outcome == "bad_cookie"
 
 

@@ -86,7 +86,8 @@ def test_labels_name_the_revision():
 def test_export_runs_that_revisions_code_and_is_removed(tmp_path):
     """HEAD exported: its package imports from the export (not from this tree or the cwd),
     and cleanup leaves nothing."""
-    if subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True).returncode:
+    if subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"],
+                      capture_output=True).returncode:
         pytest.skip("not a git checkout")
     rev = bench.resolve_rev("HEAD")
     trees = bench.RevTrees()
@@ -95,7 +96,8 @@ def test_export_runs_that_revisions_code_and_is_removed(tmp_path):
         r = subprocess.run([sys.executable, "-c", bench.IMPORT_ALL], cwd=tree,
                            env={"PYTHONPATH": str(tree)}, capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-        assert Path(r.stdout.strip()).resolve() == (tree / "udp_encap_tun" / "__init__.py").resolve()
+        imported = Path(r.stdout.strip()).resolve()
+        assert imported == (tree / "udp_encap_tun" / "__init__.py").resolve()
         assert trees.get(rev) == tree  # exported once
         root = trees.root
     finally:
@@ -117,9 +119,12 @@ def test_compare_revisions_pairs_rounds_and_skips_failures():
         return {"round": rnd, "config": key, "up": {"gbps": up, "cpu_s_per_gb": 5.0},
                 "down": {"error": "iperf3 exit 1"},
                 "rr": {"error": "x"} if rr_error else {"rate": rate, "cpu_us_per_txn": cpu_txn}}
-    rounds = [row(1, "udp-encap-tun", 2.0, 3000, 200), row(1, "udp-encap-tun@78e8943", 1.0, 2000, 250),
-              row(2, "udp-encap-tun@78e8943", 1.0, 1000, 100), row(2, "udp-encap-tun", 1.5, 0, 0, True),
-              row(3, "udp-encap-tun", 1.0, 1000, 100), row(3, "udp-encap-tun@78e8943", 1.0, 1000, 100)]
+    rounds = [row(1, "udp-encap-tun", 2.0, 3000, 200),
+              row(1, "udp-encap-tun@78e8943", 1.0, 2000, 250),
+              row(2, "udp-encap-tun@78e8943", 1.0, 1000, 100),
+              row(2, "udp-encap-tun", 1.5, 0, 0, True),
+              row(3, "udp-encap-tun", 1.0, 1000, 100),
+              row(3, "udp-encap-tun@78e8943", 1.0, 1000, 100)]
     (c,) = bench.compare_revisions(rounds, ["udp-encap-tun", "udp-encap-tun@78e8943", "bare"])
     assert (c["base"], c["rev"]) == ("udp-encap-tun", "78e8943")
     assert c["upload Gb/s"] == {"median": 1.5, "low": 1.0, "high": 2.0, "rounds": 3}

@@ -2,7 +2,6 @@ import ipaddress
 import logging
 
 from testkit import FakeClock, ip_packet, tcp_segment
-
 from udp_encap_tun.core import WARN_INTERVAL, Router, Warnings
 
 TUN = bytes([10, 0, 0, 1])
@@ -25,8 +24,8 @@ def test_server_generates_addresses_and_routes_back():
     src, dst, entry = r.rx_addresses(("198.51.100.1", 4000), 0)
     assert dst == TUN and src in r.store.pool and src != TUN
     assert r.tx_destination(src, 0) == (("198.51.100.1", 4000), entry)
-    assert r.tx_destination(bytes([10, 0, 0, 99]) if src != bytes([10, 0, 0, 99]) else bytes([10, 0, 0, 98]),
-                            0) is None
+    other = bytes([10, 0, 0, 99]) if src != bytes([10, 0, 0, 99]) else bytes([10, 0, 0, 98])
+    assert r.tx_destination(other, 0) is None
     assert r.counters["tx_drop_unknown_peer"] == 1
     assert r.counters["peers_added"] == 1
 
@@ -41,7 +40,8 @@ def test_server_without_address_drops():
 def test_explicit_pool_and_full_pool_counted():
     r = Router(pool_cidr="100.64.0.0/30")
     r.set_tun_address(TUN, NET)
-    assert r.rx_addresses(("198.51.100.1", 1), 0)[0] in (bytes([100, 64, 0, 1]), bytes([100, 64, 0, 2]))
+    assert r.rx_addresses(("198.51.100.1", 1), 0)[0] in (bytes([100, 64, 0, 1]),
+                                                         bytes([100, 64, 0, 2]))
     assert r.rx_addresses(("198.51.100.1", 2), 0) is not None
     assert r.rx_addresses(("198.51.100.1", 3), 0) is None
     assert r.counters["rx_drop_pool_full"] == 1
@@ -52,7 +52,8 @@ def test_address_change_keeps_peers_that_still_fit():
     r.set_tun_address(TUN, NET)
     src, _, _ = r.rx_addresses(("198.51.100.1", 4000), 0)
     # a new tun address in the same subnet: the peer keeps its address
-    r.set_tun_address(bytes([10, 0, 0, 254]) if src != bytes([10, 0, 0, 254]) else bytes([10, 0, 0, 253]), NET)
+    r.set_tun_address(bytes([10, 0, 0, 254]) if src != bytes([10, 0, 0, 254])
+                      else bytes([10, 0, 0, 253]), NET)
     assert r.tx_destination(src, 0)[0] == ("198.51.100.1", 4000)
     # another subnet: it is gone, and comes back with an address from the new pool
     r.set_tun_address(bytes([172, 16, 0, 1]), ipaddress.IPv4Network("172.16.0.0/24"))
@@ -89,7 +90,7 @@ def test_warnings_are_limited_per_kind_and_peer():
 def test_warnings_of_one_kind_are_limited_over_all_peers():
     """Many (spoofed) sources get no more than the burst, then a trickle."""
     w = Warnings(interval=60, burst=3)
-    allowed = [w.allow("flood", ("198.51.100.%d" % i, 1), 5.0) for i in range(100)]
+    allowed = [w.allow("flood", (f"198.51.100.{i}", 1), 5.0) for i in range(100)]
     assert sum(allowed) == 3
     assert w.allow("flood", ("203.0.113.1", 1), 5.0 + 20)  # one more per interval/burst
     assert w.allow("quiet", ("203.0.113.1", 1), 5.0)  # other kinds are not held back

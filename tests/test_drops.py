@@ -6,8 +6,7 @@ import errno
 import re
 from pathlib import Path
 
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from udp_encap_tun import core, drops, notify, packet, status, store, tiu
 from udp_encap_tun.core import Router

@@ -6,7 +6,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import time
 from types import SimpleNamespace
 
@@ -15,8 +14,8 @@ import pytest
 from testkit import ip_packet, tcp_segment
 from udp_encap_tun import conn, offload, packet
 from udp_encap_tun.conn import probe_udp_offload
-from udp_encap_tun.errors import OperatorError
 from udp_encap_tun.core import Router
+from udp_encap_tun.errors import OperatorError
 from udp_encap_tun.loop import Pending, default_wire
 
 

@@ -122,7 +122,7 @@ def test_watchdog_pings_are_never_further_apart_than_the_interval(interval):
         if dog.due(now):
             sent.append(now)
         now += 1.0 + (0.05 if i % 3 else -0.04)  # loop jitter
-    gaps = [b - a for a, b in zip(sent, sent[1:])]
+    gaps = [b - a for a, b in zip(sent, sent[1:], strict=False)]
     assert sent[0] == 0.0 and len(sent) > 5
     assert max(gaps) <= max(interval, 1.05) + 1e-9
     if interval >= 2:
@@ -175,7 +175,8 @@ def test_service_without_watchdog_and_client_status(listener):
         svc.tick(tunnel, float(i))
     svc.close(tunnel)
     msgs = listener.messages()
-    assert msgs[0] == ["READY=1", "STATUS=client on tun0 to UDP port 5000: 1 servers, tx 0 B rx 0 B"]
+    assert msgs[0] == ["READY=1",
+                       "STATUS=client on tun0 to UDP port 5000: 1 servers, tx 0 B rx 0 B"]
     assert ["WATCHDOG=1"] not in msgs
     assert msgs[-1][0] == "STOPPING=1"
 
@@ -241,7 +242,8 @@ def test_unit_essentials():
 def test_unit_verifies(tmp_path):
     """systemd-analyze verify accepts every directive (ExecStart pointed at this Python,
     since the console script need not be installed where the unit expects it)."""
-    text = UNIT.read_text().replace("/opt/udp-encap-tun/bin/udp-encap-tun", f"{sys.executable} -m udp_encap_tun")
+    text = UNIT.read_text().replace("/opt/udp-encap-tun/bin/udp-encap-tun",
+                                    f"{sys.executable} -m udp_encap_tun")
     (tmp_path / "udp-encap-tun@.service").write_text(text)
     r = subprocess.run(["systemd-analyze", "verify", "udp-encap-tun@example.service"],
                        cwd=tmp_path, capture_output=True, text=True, timeout=60)

@@ -6,13 +6,11 @@ import os
 import struct
 
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 import testkit
 from udp_encap_tun import packet as P
 from udp_encap_tun.offload import (
-    wire_size,
     DATA_VALID,
     GSO_ECN,
     GSO_NONE,
@@ -25,6 +23,7 @@ from udp_encap_tun.offload import (
     coalesce,
     split_gro,
     tso_split,
+    wire_size,
 )
 
 SRC = bytes([10, 98, 0, 1])
@@ -236,7 +235,8 @@ def test_tso_flags():
 
 def test_tso_flags_across_batches():
     flags = P.ACK | P.PSH | P.FIN | P.CWR
-    segs = wire_segments(tso_split(ipv4(tcp_seg(payload=os.urandom(100 * 130 + 7), flags=flags)), 100))
+    packet = ipv4(tcp_seg(payload=os.urandom(100 * 130 + 7), flags=flags))
+    segs = wire_segments(tso_split(packet, 100))
     assert len(segs) == 131
     assert segs[0][13] == P.ACK | P.CWR
     assert all(s[13] == P.ACK for s in segs[1:-1])
@@ -379,7 +379,7 @@ def test_coalesce_psh_ends_run():
 def test_coalesce_interleaved_flows():
     a = [tcp_seg(seq=10 + 1000 * i, payload=os.urandom(1000), sport=1111) for i in range(4)]
     b = [tcp_seg(seq=99 + 500 * i, payload=os.urandom(500), sport=2222) for i in range(4)]
-    mixed = [s for pair in zip(a, b) for s in pair]
+    mixed = [s for pair in zip(a, b, strict=False) for s in pair]
     outs = coalesce(mixed, SRC, DST, Ident())
     assert len(outs) == 2
     assert [vnet(o)[:4] for o in outs] == [(NEEDS_CSUM, GSO_TCPV4, 40, 1000),

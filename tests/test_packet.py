@@ -20,7 +20,8 @@ def test_known_ipv4_header_checksum():
     assert pk.checksum(hdr) == 0xB861
 
 
-@pytest.mark.parametrize("data", [b"", b"\x00", b"\xff\xff", b"\xff\xff" * 7, b"\x12", b"\x00\x00\x00"])
+@pytest.mark.parametrize("data", [b"", b"\x00", b"\xff\xff", b"\xff\xff" * 7, b"\x12",
+                                  b"\x00\x00\x00"])
 def test_checksum_edge_cases(data):
     assert pk.checksum(data) == reference_checksum(data)
 
@@ -93,11 +94,13 @@ def test_build_rx_packet_makes_valid_ipv4_and_tcp():
     src, dst = bytes([10, 0, 0, 7]), bytes([10, 0, 0, 1])
     pk.build_rx_packet(buf, len(seg), 0x1234, src, dst)
     ver_ihl, tos, total, ident, frag, ttl, proto, _, s, d = struct.unpack("!BBHHHBBH4s4s", buf[:20])
-    assert (ver_ihl, total, ident, frag, ttl, proto, s, d) == (0x45, len(buf), 0x1234, 0x4000, 64, 6, src, dst)
+    assert (ver_ihl, total, ident, frag, ttl, proto, s, d) == (0x45, len(buf), 0x1234, 0x4000,
+                                                                64, 6, src, dst)
     assert pk.checksum(bytes(buf[:20])) == 0
     assert pk.tcp_checksum_ok(bytes(buf))
     assert pk.classify_tx(bytes(buf)) is None  # what we write is what a TX would accept
-    assert bytes(buf[20:36]) == seg[:16] and bytes(buf[38:]) == seg[18:]  # only the checksum changed
+    # only the checksum changed
+    assert bytes(buf[20:36]) == seg[:16] and bytes(buf[38:]) == seg[18:]
 
 
 @given(st.binary(min_size=4, max_size=4), st.binary(min_size=4, max_size=4),
@@ -141,7 +144,8 @@ def test_clamp_mss(options, expected, changed):
     assert int.from_bytes(seg[i + 2:i + 4], "big") == expected
 
 
-@pytest.mark.parametrize("options", [b"", b"\x00\x02\x04\x05\xb4", b"\x03", b"\x05\x00", b"\x05\x30\x01\x01"])
+@pytest.mark.parametrize("options", [b"", b"\x00\x02\x04\x05\xb4", b"\x03", b"\x05\x00",
+                                     b"\x05\x30\x01\x01"])
 def test_clamp_mss_without_usable_option_changes_nothing(options):
     seg = syn(options)
     before = bytes(seg)

@@ -8,7 +8,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from test_faults import _PIPE
-
 from udp_encap_tun import service
 from udp_encap_tun.core import Router
 from udp_encap_tun.loop import Loop, default_wire

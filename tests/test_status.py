@@ -198,7 +198,8 @@ def test_prometheus_rendering(server_doc):
     assert value(samples, "udp_encap_tun_peers_expired_total") == 0
     assert value(samples, "udp_encap_tun_start_time_seconds") == 1_700_000_000
     info = [k for k in samples if k[0] == "udp_encap_tun_info"]
-    assert len(info) == 1 and ("mode", "server") in info[0][1] and ("data_path", "offload") in info[0][1]
+    assert len(info) == 1
+    assert ("mode", "server") in info[0][1] and ("data_path", "offload") in info[0][1]
     assert not any(k[0].startswith("udp_encap_tun_peer_") for k in samples)
 
 
@@ -303,7 +304,7 @@ def test_server_writes_one_document_and_closes(served):
     c = served.connect()
     # the selector saw our epoll readable; each call works for a 2 ms slice at most,
     # which a loaded machine may spend on part of the document: call until done
-    for calls in range(1, 1001):
+    for calls in range(1, 1001):  # noqa: B007 (shown by the assert after the loop)
         served.watched[0][1]()
         if served.server.served and not served.server.clients:
             break

@@ -2,8 +2,7 @@ import ipaddress
 from collections import Counter
 
 import pytest
-from hypothesis import settings
-from hypothesis import strategies as st
+from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from testkit import FakeClock
@@ -221,7 +220,7 @@ def test_every_expiry_is_counted_once(how):
     peers = [("198.51.100.7", p) for p in range(500)]
     entries = [store.admit(p, 0.0) for p in peers]
     now = 10.0
-    for peer, entry in zip(peers, entries):
+    for peer, entry in zip(peers, entries, strict=False):
         if how == "expire":
             store.expire(now)
         elif how == "lookup_peer":
@@ -297,7 +296,8 @@ class StoreMachine(RuleBasedStateMachine):
             # the first free address in the peer's own probing order: the same one
             # whenever it is free (a returning peer's TCP connections survive)
             taken = self.store.by_address.keys() - {got.address}
-            assert got.address == next(a for a in self.store.pool.candidates(peer) if a not in taken)
+            assert got.address == next(a for a in self.store.pool.candidates(peer)
+                                       if a not in taken)
             self.address[peer] = got.address
 
     @rule(port=st.integers(0, 15))

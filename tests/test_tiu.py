@@ -7,12 +7,10 @@ import struct
 from pathlib import Path
 
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
+from hypothesis import given, strategies as st
 
 from testkit import tcp_segment
-from udp_encap_tun import packet as P
-from udp_encap_tun import tiu
+from udp_encap_tun import packet as P, tiu
 
 CAPTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "tcp-in-udp"
 if not (CAPTURES / "wire.pcap").exists():  # the worktree sits two levels below /work

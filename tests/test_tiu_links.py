@@ -10,13 +10,12 @@ import pytest
 
 from test_faults import _PIPE, FakeTun
 from testkit import FakeClock, ip_packet, tcp_segment
-
 from udp_encap_tun import offload, packet, status, tiu, tiudev
 from udp_encap_tun.faults import TIU_OVERHEAD, LinkEvent, Links, tun_mtu_for
 from udp_encap_tun.loop import Loop
 from udp_encap_tun.tiudev import TiuConn
-from udp_encap_tun.tun import OffloadPackets, Packets
 from udp_encap_tun.tiumode import TiuRouter
+from udp_encap_tun.tun import OffloadPackets, Packets
 
 TUN, ETH = 7, 2
 LOCAL, REMOTE = bytes([192, 0, 2, 1]), bytes([192, 0, 2, 2])

@@ -8,12 +8,16 @@ import struct
 import pytest
 
 from testkit import FakeClock, ip_packet, tcp_segment
-from udp_encap_tun import packet as P
-from udp_encap_tun import tiu
+from udp_encap_tun import packet as P, tiu
 from udp_encap_tun.cli import parse_args
 from udp_encap_tun.offload import tso_split
-from udp_encap_tun.tiumode import (PortRangeError, TiuRouter, count_ports, format_ranges,
-                                   parse_port_ranges)
+from udp_encap_tun.tiumode import (
+    PortRangeError,
+    TiuRouter,
+    count_ports,
+    format_ranges,
+    parse_port_ranges,
+)
 
 LOCAL, REMOTE = bytes([192, 0, 2, 2]), bytes([192, 0, 2, 1])
 
@@ -81,7 +85,7 @@ def test_tso_split_into_wire_payloads():
     plain = tso_split(packet, 1000, max_segments=4)
     wire = tso_split(packet, 1000, max_segments=4, tiu=True)
     assert len(plain) == len(wire) == 3
-    for (pbuf, psize), (wbuf, wsize) in zip(plain, wire):
+    for (pbuf, psize), (wbuf, wsize) in zip(plain, wire, strict=False):
         assert wsize == psize - 8
         pieces = [bytes(pbuf[o:o + psize]) for o in range(0, len(pbuf), psize)]
         assert bytes(wbuf) == b"".join(tiu.encode_payload(p) for p in pieces)

@@ -11,10 +11,9 @@ import time
 
 import pytest
 
-from testkit import FakeClock
 from udp_encap_tun import auth, conn, status
-from udp_encap_tun.core import SILENCE, WARN_INTERVAL, Router
 from udp_encap_tun.conn import Datagrams
+from udp_encap_tun.core import SILENCE, WARN_INTERVAL, Router
 
 KEY = b"0123456789abcdef-secret"
 OTHER_KEY = b"another key of 16+ bytes"
@@ -70,7 +69,7 @@ def send_data(c: Router, s: Router, now: float) -> None:
         s.rx_addresses(CLIENT, now)
 
 
-# --------------------------------------------------------------------------- 1. PSK on the server only
+# ------------------------------------------------------------------ 1. PSK on the server only
 
 
 def test_keyless_client_is_told_the_server_requires_a_key(warnings):
@@ -92,7 +91,7 @@ def test_keyless_client_is_told_the_server_requires_a_key(warnings):
     assert c.counters["rx_drop_bad_control"] == 5 and len(warnings()) == 2
 
 
-# --------------------------------------------------------------------------- 2. PSK on the client only
+# ------------------------------------------------------------------ 2. PSK on the client only
 
 
 def test_keyless_server_names_a_peer_that_wants_to_authenticate(warnings):
@@ -125,7 +124,7 @@ def test_keyed_client_warns_when_its_hellos_get_no_answer(warnings):
     assert c.auth_state(SERVER, 100.0 + SILENCE + 2) == "failing"
 
 
-# --------------------------------------------------------------------------- 3. keys differ
+# ------------------------------------------------------------------ 3. keys differ
 
 
 def test_different_keys_warn_on_both_sides(warnings):
@@ -164,7 +163,7 @@ def test_auth_states_of_a_good_handshake():
     assert c.auth_state(SERVER, 2000.0 + auth.FAILING_AFTER) == "failing"
 
 
-# --------------------------------------------------------------------------- 4. no tun address
+# ------------------------------------------------------------------ 4. no tun address
 
 
 def test_server_without_tun_address_names_the_peer_and_the_fix(warnings):
@@ -185,7 +184,7 @@ def test_keyed_server_without_tun_address_says_so_instead_of_a_handshake(warning
     assert any("the tun has no IPv4 address" in w for w in warnings())
 
 
-# --------------------------------------------------------------------------- 5. silence
+# ------------------------------------------------------------------ 5. silence
 
 
 def test_client_warns_after_ten_seconds_of_silence_and_says_when_it_ends(warnings, caplog):
@@ -271,7 +270,7 @@ def test_server_answers_keepalives_of_known_peers_only():
     assert s.counters["rx_keepalives"] == 2 and s.counters["peers_added"] == 1
 
 
-# --------------------------------------------------------------------------- 6. ICMP errors
+# ------------------------------------------------------------------ 6. ICMP errors
 
 
 def test_port_unreachable_names_the_server_and_the_fix(warnings):
@@ -349,10 +348,11 @@ def test_a_send_failing_with_an_earlier_icmp_error_is_sent_again(recverr_socket,
         router.icmp_error(dest, err, info, offender, 2.0)
     assert router.counters["icmp_port_unreachable"] == 1
     assert warnings() == [f"server 127.0.0.1:{dead[1]}: port unreachable: nothing listens on UDP "
-                          f"port {dead[1]} there (is --endpoint-port right, is the server running?)"]
+                          f"port {dead[1]} there "
+                          "(is --endpoint-port right, is the server running?)"]
 
 
-# --------------------------------------------------------------------------- 7. status
+# ------------------------------------------------------------------ 7. status
 
 
 def test_client_status_lists_servers_with_last_heard_and_auth_state():
