@@ -268,6 +268,7 @@ def _run_signal_tunnel(sockets, tun_pair, service, caplog) -> None:
     monitor = socket.socketpair()
     tx, _ = sockets
     tun = SimpleNamespace(fd=tun_pair[0].fileno(), name="tun-test", address=None, network=None,
+                          address6=None, network6=None,
                           start_monitor=lambda: monitor[0], drain_monitor=lambda: False)
     caplog.set_level(logging.INFO, logger="udp_encap_tun.loop")
     try:

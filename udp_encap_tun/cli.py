@@ -372,6 +372,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
             if dest in given:
                 parser.error(f"--{dest.replace('_', '-')} does not exist in --wire tcp-in-udp: "
                              f"{why}")
+        for option, values in (("--tun-address", args.tun_address), ("--route", args.route),
+                               ("--listen-address", [args.listen_address or ""])):
+            for value in values:
+                if ":" in value:
+                    parser.error(f"{option} {value}: --wire tcp-in-udp carries IPv4 only")
         return args  # both roles use --peer-timeout, --max-peers, --admission-rate (flows)
     if args.listen_port is None:
         parser.error("the following arguments are required: --listen-port")
@@ -450,31 +455,34 @@ def run(args: argparse.Namespace) -> None:
         from . import tiudev
         bind_index, link = link_info(args.bind_to_interface)
         return tiudev.run(args, tun_mtu(args, link), lambda mtu: _services(args), bind_index, link)
-    ipv6 = [v for v in (args.tun_address6, args.address_pool6, args.listen_address,
-                        *args.route) if v and v != "::" and ":" in v]
-    if ipv6:  # TEMPORARY (#13): until the dual-stack data path is wired in here
-        raise OperatorError(f"{ipv6[0]}: IPv6 needs the IPv6 data path, not in this version")
-    if args.endpoint_port is None and args.address_pool4:
-        AddressPool(args.address_pool4)  # validate before touching anything
+    if args.endpoint_port is None:
+        for pool, ipv6 in ((args.address_pool4, False), (args.address_pool6, True)):
+            if pool:
+                AddressPool(pool, ipv6=ipv6)  # validate before touching anything
     keys = Keys(load_psk(args.psk_file)) if args.psk_file else None
     bind_index, bind_mtu = link_info(args.bind_to_interface)
     mtu = tun_mtu(args, bind_mtu)
+    # default (None) and '::': one socket for both families
     sock = open_udp(args.listen_port, args.bind_to_interface,
-                    "0.0.0.0" if args.listen_address in (None, "::") else args.listen_address)
+                    None if args.listen_address in (None, "::") else args.listen_address)
     tun = None
     try:
         if args.endpoint_port is not None:
             enable_icmp_errors(sock)  # "port unreachable" from a server names it
-        tun, offload = open_tun(args.interface, mtu, args.tun_address4, not args.no_offload)
+        tun, offload = open_tun(args.interface, mtu,
+                                [a for a in (args.tun_address4, args.tun_address6) if a],
+                                not args.no_offload)
         for cidr in args.route:
             tun.add_route(cidr)
         address_key = args.address_key.encode() or (keys.address if keys else b"")
         router = Router(args.endpoint_port, args.address_pool4, args.peer_timeout,
                         args.max_peers, address_key, mss=None if args.no_clamp_mss else mtu - 40,
                         keys=keys, admission_rate=args.admission_rate,
-                        keepalive=args.keepalive or None)
+                        keepalive=args.keepalive or None, pool6_cidr=args.address_pool6)
         tun.refresh_address()
-        router.set_tun_address(tun.address, tun.network)  # validates a derived pool
+        # both validate a pool derived from the tun's address
+        router.set_tun_address(tun.address, tun.network)
+        router.set_tun_address6(tun.address6, tun.network6)
         links = Links(tun.index, mtu, args.bind_to_interface, bind_index, bind_mtu,
                       explicit_mtu=args.mtu, clamp=not args.no_clamp_mss)
         gso, gro = probe_udp_offload(sock) if offload else (False, False)

@@ -19,6 +19,8 @@ if TYPE_CHECKING:  # an annotation only: loop.py imports this module
     from .loop import Loop
 
 Address: TypeAlias = tuple[str, int]
+# what an IPv6 socket names a peer: (host, port, flowinfo, scope id)
+SockAddr: TypeAlias = tuple[str, int, int, int] | tuple[str, int]
 Buffer: TypeAlias = bytes | bytearray | memoryview
 # wire segments to send: [(buffer, segment size)], every segment of a buffer but
 # its last exactly that size (one datagram each)
@@ -36,7 +38,13 @@ SOCKET_BUFFER: Final = 8 << 20
 IP_MTU_DISCOVER: Final[int] = getattr(socket, "IP_MTU_DISCOVER", 10)
 IP_PMTUDISC_DO: Final[int] = getattr(socket, "IP_PMTUDISC_DO", 2)
 IP_RECVERR: Final[int] = getattr(socket, "IP_RECVERR", 11)
+IPV6_MTU_DISCOVER: Final[int] = getattr(socket, "IPV6_MTU_DISCOVER", 23)  # ipv6(7)
+IPV6_PMTUDISC_DO: Final[int] = getattr(socket, "IPV6_PMTUDISC_DO", 2)
+IPV6_RECVERR: Final[int] = getattr(socket, "IPV6_RECVERR", 25)
 SO_EE_ORIGIN_ICMP: Final = 2
+SO_EE_ORIGIN_ICMP6: Final = 3
+V4_MAPPED: Final = "::ffff:"  # an IPv4 peer as a dual-stack socket names it
+CACHED_PEERS: Final = 4096  # peer conversions remembered (each way) before starting over
 # struct sock_extended_err, then the offender's sockaddr
 EXTENDED_ERR: Final = struct.Struct("=IBBBBII")
 # errors a send can fail with only because an earlier ICMP error is still pending (IP_RECVERR)
@@ -47,14 +55,30 @@ REPORTED_ERRORS: Final = frozenset((errno.ECONNREFUSED, errno.EHOSTUNREACH, errn
 PENDING_ICMP_ERRORS: Final = REPORTED_ERRORS | {errno.EMSGSIZE}
 
 
-def open_udp(port: int, device: str, address: str = "0.0.0.0",
+def open_udp(port: int, device: str, address: str | None = "0.0.0.0",
              buffer: int = SOCKET_BUFFER) -> socket.socket:
     """A UDP socket bound to *device* (SO_BINDTODEVICE) and *address*:*port*.
 
-    Replies always leave from this socket, so from the listen port (and, when
-    *address* is given, from that address)."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    *address* None (or ``::``): one socket for both families (AF_INET6,
+    IPV6_V6ONLY off, bound to ``::``; IPv4 peers arrive v4-mapped: Datagrams converts), or an
+    IPv4 one bound to 0.0.0.0 where the host has no IPv6.  An IPv4 *address*
+    keeps the plain AF_INET socket (no conversion per datagram), an IPv6 one
+    makes an IPv6-only socket.  Replies always leave from this socket, so from
+    the listen port (and, when *address* is given, from that address)."""
+    if address == "::":
+        address = None  # any address of both families
+    family = socket.AF_INET if address is not None and ":" not in address else socket.AF_INET6
     try:
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    except OSError as exc:
+        if address is not None or exc.errno != errno.EAFNOSUPPORT:
+            raise OperatorError(f"cannot open a UDP socket for {address}: {exc.strerror}") from None
+        log.info("no IPv6 on this host: the UDP socket carries IPv4 only")
+        family, address = socket.AF_INET, "0.0.0.0"
+        sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if address is None else 1)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode())
         except OSError as exc:
@@ -65,7 +89,7 @@ def open_udp(port: int, device: str, address: str = "0.0.0.0",
                                     "(needs CAP_NET_RAW)") from None
             raise OperatorError(f"cannot bind to interface {device}: {exc.strerror}") from None
         try:
-            sock.bind((address, port))
+            sock.bind((address or "::", port))
         except OSError as exc:
             if exc.errno == errno.EADDRNOTAVAIL:
                 raise OperatorError(f"--listen-address {address} is not an address of this "
@@ -110,8 +134,12 @@ def set_path_mtu_discovery(sock: socket.socket) -> None:
     fragmented on the way.  With DO the kernel refuses a datagram larger than
     the known path MTU (EMSGSIZE: counted tx_drop_message_too_long) instead
     of fragmenting it, and learns the path MTU from ICMP "fragmentation
-    needed" (PROBE would ignore those and keep sending what gets dropped)."""
+    needed" (PROBE would ignore those and keep sending what gets dropped).
+    An IPv6 socket: the same for IPv6 (IPV6_PMTUDISC_DO: no local
+    fragmentation, "packet too big" learnt) and, dual-stack, for IPv4."""
     sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, IP_PMTUDISC_DO)
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)
 
 
 def enable_icmp_errors(sock: socket.socket) -> None:
@@ -119,27 +147,42 @@ def enable_icmp_errors(sock: socket.socket) -> None:
     (IP_RECVERR), so that "port unreachable" from a server that is not there
     names it.  Without it an unconnected UDP socket never hears of them.  The
     kernel also fails the next send (to any destination) with such an error
-    once; Datagrams.send sends that datagram again."""
+    once; Datagrams.send sends that datagram again.  An IPv6 socket: also
+    IPV6_RECVERR (ICMPv6 errors; a dual-stack socket reports the IPv4 ones
+    in the IPv6 form too)."""
     sock.setsockopt(socket.IPPROTO_IP, IP_RECVERR, 1)
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVERR, 1)
 
 
 def parse_icmp_error(
         ancdata: list[tuple[int, int, bytes]]) -> tuple[int, int, str | None] | None:
-    """(errno, info, offender address or None) of an ICMP error read from the
-    error queue, or None (a local error, e.g. EMSGSIZE on send: counted there).
-    *info* is the next-hop MTU of "fragmentation needed"."""
+    """(errno, info, offender address or None) of an ICMP or ICMPv6 error read
+    from the error queue, or None (a local error, e.g. EMSGSIZE on send:
+    counted there).  *info* is the next-hop MTU of "fragmentation needed" (or
+    ICMPv6 "packet too big").  An IPv6 socket reports the IPv4 errors of
+    v4-mapped destinations in its own form (IPV6_RECVERR, a v4-mapped
+    offender): the offender is given as the IPv4 address."""
     for level, kind, data in ancdata:
-        if level != socket.IPPROTO_IP or kind != IP_RECVERR or len(data) < EXTENDED_ERR.size:
+        if len(data) < EXTENDED_ERR.size or (level, kind) not in (
+                (socket.IPPROTO_IP, IP_RECVERR), (socket.IPPROTO_IPV6, IPV6_RECVERR)):
             continue
         err, origin, _type, _code, _pad, info, _data = EXTENDED_ERR.unpack_from(data)
-        if origin != SO_EE_ORIGIN_ICMP:
+        if origin not in (SO_EE_ORIGIN_ICMP, SO_EE_ORIGIN_ICMP6):
             return None
         offender: str | None = None
-        if len(data) >= EXTENDED_ERR.size + 8 and \
-                int.from_bytes(data[16:18], "little") == socket.AF_INET:
+        family = int.from_bytes(data[16:18], "little") if len(data) >= 18 else None
+        if family == socket.AF_INET and len(data) >= EXTENDED_ERR.size + 8:
             offender = socket.inet_ntoa(data[20:24])
+        elif family == socket.AF_INET6 and len(data) >= EXTENDED_ERR.size + 24:
+            offender = unmapped(socket.inet_ntop(socket.AF_INET6, data[24:40]))
         return err, info, offender
     return None
+
+
+def unmapped(host: str) -> str:
+    """An IPv6 socket's name of a host: a v4-mapped address as the IPv4 dotted quad."""
+    return host[7:] if host.startswith(V4_MAPPED) and "." in host else host
 
 
 def read_icmp_errors(sock: socket.socket, limit: int = 64) -> list[IcmpError]:
@@ -156,7 +199,7 @@ def read_icmp_errors(sock: socket.socket, limit: int = 64) -> list[IcmpError]:
             break
         found = parse_icmp_error(ancdata)
         if found is not None:
-            out.append((dest, *found))
+            out.append(((unmapped(dest[0]), dest[1]), *found))
     return out
 
 
@@ -181,7 +224,14 @@ class Datagrams:
     once, a datagram refused because the bound link's MTU just fell is cut to
     the new size (*too_long*, asked with the refused size, says whether it fell
     and sets ``max_segment``), every other failure goes to *failed* (exc,
-    destination, size) to be counted."""
+    destination, size) to be counted.
+
+    Peers are ``(host, port)`` in both families.  On an IPv6 socket (``v6``)
+    the edge converts: a source ``(host, port, flowinfo, scope id)`` becomes
+    ``(host, port)``, a v4-mapped host the IPv4 dotted quad; an IPv4
+    destination is sent to v4-mapped.  Both conversions are remembered (at
+    most CACHED_PEERS each): a dictionary lookup per datagram.  An IPv4
+    socket converts nothing."""
 
     gso = gro = False
 
@@ -195,6 +245,28 @@ class Datagrams:
         self.too_long: Callable[[int], bool] | None = None
         self.max_segment = MAX_DATAGRAM  # the largest datagram the bound link carries
         self._sendto = sock.sendto
+        self.v6 = sock.family == socket.AF_INET6  # peers converted (see above)
+        self._peers: dict[SockAddr, Address] = {}  # socket address -> peer
+        self._wire: dict[Address, Address] = {}  # peer -> socket address
+
+    def peer(self, address: SockAddr) -> Address:
+        """The peer ``(host, port)`` of an IPv6 socket's source *address*."""
+        peer = self._peers.get(address)
+        if peer is None:
+            if len(self._peers) >= CACHED_PEERS:
+                self._peers.clear()
+            peer = self._peers[address] = (unmapped(address[0]), address[1])
+        return peer
+
+    def wire_address(self, dest: Address) -> Address:
+        """What an IPv6 socket sends to for the peer *dest*."""
+        to = self._wire.get(dest)
+        if to is None:
+            if len(self._wire) >= CACHED_PEERS:
+                self._wire.clear()
+            host = dest[0] if ":" in dest[0] else V4_MAPPED + dest[0]
+            to = self._wire[dest] = (host, dest[1])
+        return to
 
     def describe(self) -> str:
         return "one datagram per system call"
@@ -226,22 +298,23 @@ class Datagrams:
     def send(self, batches: Batches, dest: Address) -> tuple[int, int]:
         """Send the wire segments of *batches* to *dest*: (datagrams, bytes) sent."""
         packets = nbytes = 0
+        to = self.wire_address(dest) if self.v6 else dest
         for data, size in batches:
             n = len(data)
             try:
                 if n <= size:  # one datagram: the common case, no detour
-                    self._sendto(data, dest)
+                    self._sendto(data, to)
                 else:
-                    self.send_batch(data, size, dest)
+                    self.send_batch(data, size, to)
             except OSError as exc:
                 err: OSError | None = exc
                 if exc.errno in REPORTED_ERRORS or (exc.errno == errno.EMSGSIZE
                                                     and self.retry_pending):
-                    err = self._send_again(data, size, dest)
+                    err = self._send_again(data, size, to)
                 if err is not None:
                     if err.errno == errno.EMSGSIZE and self.too_long is not None \
                             and self.too_long(min(n, size)):
-                        sent = self._send_recut(data, size, dest)
+                        sent = self._send_recut(data, size, to, dest)
                         packets += sent[0]
                         nbytes += sent[1]
                     else:
@@ -252,7 +325,7 @@ class Datagrams:
         return packets, nbytes
 
     def send_batch(self, data: Buffer, size: int, dest: Address) -> None:
-        """Several segments: one datagram each."""
+        """Several segments: one datagram each (*dest*: a socket address)."""
         for off in range(0, len(data), size):
             self._sendto(data[off:off + size], dest)
 
@@ -268,16 +341,18 @@ class Datagrams:
             return exc
         return None
 
-    def _send_recut(self, data: Buffer, size: int, dest: Address) -> tuple[int, int]:
-        """A batch the kernel refused as too long, cut to the bound link's new MTU."""
+    def _send_recut(self, data: Buffer, size: int, to: Address,
+                    dest: Address) -> tuple[int, int]:
+        """A batch the kernel refused as too long, cut to the bound link's new
+        MTU (sent to the socket address *to* of the peer *dest*)."""
         packets = nbytes = 0
         for part, part_size in self.recut(data, size):
             n = len(part)
             try:
                 if n <= part_size:
-                    self._sendto(part, dest)
+                    self._sendto(part, to)
                 else:
-                    self.send_batch(part, part_size, dest)
+                    self.send_batch(part, part_size, to)
             except OSError as exc:
                 self.failed(exc, dest, min(n, part_size))
                 continue
@@ -293,7 +368,7 @@ class Datagrams:
         """One datagram into *view*: (length, source, GRO segment size or 0).
         Raises BlockingIOError when none is queued."""
         n, peer = self.sock.recvfrom_into(view)
-        return n, peer, 0
+        return n, self.peer(peer) if self.v6 else peer, 0
 
     def split(self, view: memoryview, n: int, seg_size: int) -> list[memoryview]:
         """The datagrams of a receive of *n* bytes (several with UDP_GRO)."""
@@ -329,6 +404,8 @@ class OffloadDatagrams(Datagrams):
 
     def recv(self, view: memoryview) -> tuple[int, Address, int]:
         n, ancdata, _flags, peer = self._recvmsg_into((view,), self._cmsg_space)
+        if self.v6:
+            peer = self._peers.get(peer) or self.peer(peer)
         return n, peer, gro_size(ancdata) if ancdata else 0
 
 

@@ -38,6 +38,9 @@ WARN_INTERVAL: Final = 60.0  # seconds: at most one warning per kind and peer th
 WARN_BURST: Final = 10  # warnings of one kind, all peers together, per WARN_INTERVAL at most
 KEEPALIVE_ANSWER_INTERVAL: Final = 1.0  # server: at most one keepalive answer per peer this often
 MIN_IPV4_MTU: Final = 68  # RFC 791: an ICMP "fragmentation needed" naming less names none
+MIN_IPV6_MTU: Final = 1280  # RFC 8200: an ICMPv6 "packet too big" naming less names none
+# an IPv6 header is 20 bytes longer than an IPv4 one: its SYNs' MSS clamp is that much lower
+IPV6_MSS_LESS: Final = 20
 SILENCE: Final = 10.0  # client: warn when we have sent to a server this long and heard nothing back
 # ICMP errors about datagrams we sent (client: IP_RECVERR), by errno: counter, what it means
 ICMP_ERRORS: Final[dict[int, tuple[str, str]]] = {
@@ -92,6 +95,16 @@ class Warnings:
         return True
 
 
+def pton(host: str) -> bytes:
+    """The 4 (IPv4) or 16 (IPv6) bytes of a host address."""
+    return socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+
+
+def ntop(address: bytes) -> str:
+    """The text form of 4 (IPv4) or 16 (IPv6) bytes of address."""
+    return socket.inet_ntop(socket.AF_INET6 if len(address) == 16 else socket.AF_INET, address)
+
+
 class ServerState:
     """Client: what we know of one server (host, port)."""
 
@@ -99,7 +112,7 @@ class ServerState:
                  "answerable")
 
     def __init__(self, host: str):
-        self.src = socket.inet_aton(host)  # what its segments get as IPv4 source
+        self.src = pton(host)  # what its segments get as source (4 or 16 bytes)
         self.last_sent: float | None = None  # anything: data, keepalive, handshake
         self.last_heard: float | None = None  # any datagram from it
         self.silent_since: float | None = None  # a send after which nothing came back
@@ -110,12 +123,20 @@ class ServerState:
 
 
 class Router:
-    """Client mode when *endpoint_port* is set, server mode otherwise."""
+    """Client mode when *endpoint_port* is set, server mode otherwise.
+
+    Dual-stack: the inner family follows the datagram's.  A peer whose host is
+    IPv6 exchanges IPv6 TCP: the server gives it an address of the IPv6 pool
+    (*pool6_cidr*, else the tun's IPv6 subnet), kept in the one ``store``
+    with the IPv4 peers; a client sends an IPv6 packet to its destination's
+    IPv6 address.  The tun's addresses: set_tun_address (IPv4),
+    set_tun_address6 (IPv6)."""
 
     def __init__(self, endpoint_port: int | None = None, pool_cidr: str | None = None,
                  timeout: float = 300.0, max_peers: int = 65536, pool_key: bytes = b"",
                  mss: int | None = None, keys: auth.Keys | None = None,
-                 admission_rate: float = 100.0, keepalive: float | None = None):
+                 admission_rate: float = 100.0, keepalive: float | None = None,
+                 pool6_cidr: str | None = None):
         self.endpoint_port = endpoint_port
         self.client = endpoint_port is not None  # client mode (else server mode)
         self.mss = mss  # clamp the MSS of SYNs crossing the tunnel to this (None: off)
@@ -128,8 +149,12 @@ class Router:
         self.counters = Counters()
         self.tun_address: bytes | None = None
         self.store: PeerStore | None = None
+        self.pool6_cidr = pool6_cidr
+        self.tun_address6: bytes | None = None  # the tun's own IPv6 address, 16 bytes
+        # server: the pools of the store, by family (True: IPv6)
+        self.pools: dict[bool, AddressPool | None] = {False: None, True: None}
         self._aton: dict[str, bytes] = {}
-        # client: IPv4 destination -> (UDP dest, None)
+        # client: IP destination (4 or 16 bytes) -> (UDP dest, None)
         self._routes: dict[bytes, tuple[Peer, None]] = {}
         self.ident = 0
         # datagrams to send, [(dest, [(buffer, segment size), ...] or None)]: control
@@ -179,25 +204,63 @@ class Router:
     # -- configuration -------------------------------------------------
     def set_tun_address(self, address: bytes | None,
                         network: ipaddress.IPv4Network | None) -> None:
-        """The tun's own address changed (or became known).  In server mode the
-        pool is rebuilt; peers whose address is still valid keep it."""
+        """The tun's own IPv4 address changed (or became known).  In server mode
+        the store is rebuilt with the new IPv4 pool; peers whose address is
+        still valid keep it.  PoolError: IPv4 peers are refused from now on
+        (IPv6 ones are still admitted)."""
         self.tun_address = address
         if self.client:
             return
         cidr = self.pool_cidr or (network if address else None)
-        if cidr is None:
+        self._set_pool(False, cidr, address)
+
+    def set_tun_address6(self, address: bytes | None,
+                         network: ipaddress.IPv6Network | None) -> None:
+        """The tun's own (global) IPv6 address changed, or became known (None,
+        None: it has none).  Server: as set_tun_address, for the IPv6 pool
+        (*pool6_cidr*, else the tun's IPv6 subnet) that peers over IPv6 get
+        their addresses from."""
+        self.tun_address6 = address
+        if self.client:
+            return
+        cidr = self.pool6_cidr or (network if address else None)
+        self._set_pool(True, cidr, address)
+
+    def _set_pool(self, ipv6: bool,
+                  cidr: str | ipaddress.IPv4Network | ipaddress.IPv6Network | None,
+                  address: bytes | None) -> None:
+        """Server: the pool of one family is now that of *cidr* (None: none),
+        the tun's *address* reserved in it; the store (one for both families:
+        max_peers counts them together) is rebuilt, live peers whose address
+        is still in their family's pool keep it."""
+        self.pools[ipv6] = None
+        try:
+            if cidr is not None:
+                self.pools[ipv6] = AddressPool(cidr, reserved=[address] if address else [],
+                                               key=self.pool_key, ipv6=ipv6)
+        finally:
+            self._rebuild_store()
+
+    def _rebuild_store(self) -> None:
+        pool4, pool6 = self.pools[False], self.pools[True]
+        old = self.store
+        if pool4 is not None:
+            store = PeerStore(pool4, self.timeout, self.max_peers, self.counters, pool6=pool6)
+        elif pool6 is not None:
+            store = PeerStore(pool6, self.timeout, self.max_peers, self.counters)
+        else:
             self.store = None
             return
-        pool = AddressPool(cidr, reserved=[address] if address else [], key=self.pool_key)
-        old = self.store
-        self.store = PeerStore(pool, self.timeout, self.max_peers, self.counters)
-        if old is not None:
-            for entry in old.entries():
-                if entry.address in pool:
-                    self.store.adopt(entry)
-                else:
-                    log.warning("peer %s:%d lost address %s: no longer in the pool",
-                                *entry.peer, ipaddress.IPv4Address(entry.address))
+        self.store = store
+        if old is None:
+            return
+        for entry in old.entries():
+            pool = pool6 if len(entry.address) == 16 else pool4
+            if pool is not None and entry.address in pool:
+                store.adopt(entry)
+            else:
+                log.warning("peer %s:%d lost address %s: no longer in the pool",
+                            *entry.peer, ntop(entry.address))
 
     # -- TX: tun -> UDP -----------------------------------------------------
     def tx(self, pkt: WriteBuffer, now: float) -> tuple[Peer, Entry | None] | None:
@@ -205,7 +268,7 @@ class Router:
         or None), or None if it is dropped (counted).  A TCP SYN's MSS is clamped
         here.  Then the loop gives its wire segments to held() (if ``holds``),
         sends them, and reports with sent_data()."""
-        reason = classify_tx(pkt)
+        reason = classify_tx(pkt, True)
         if reason is not None:
             self.counters["tx_drop_" + reason] += 1
             return None
@@ -218,13 +281,14 @@ class Router:
             route = self.tx_destination(bytes(pkt[24:40]), now)
             hlen = 40
         if route is not None and self.mss and pkt[hlen + 13] & SYN:
-            self.clamp(pkt[hlen:pk.packet_length(pkt)], "tx")
+            self.clamp(pkt[hlen:pk.packet_length(pkt)], "tx", hlen == 40)
         return route
 
-    def clamp(self, segment: WriteBuffer, direction: str) -> None:
-        """Clamp the MSS of a SYN (the callers check ``mss`` is set first)."""
+    def clamp(self, segment: WriteBuffer, direction: str, ipv6: bool = False) -> None:
+        """Clamp the MSS of a SYN (the callers check ``mss`` is set first): to
+        ``mss`` over IPv4, 20 less over IPv6 (its header is 20 bytes longer)."""
         mss = self.mss
-        if mss is not None and pk.clamp_mss(segment, mss):
+        if mss is not None and pk.clamp_mss(segment, mss - IPV6_MSS_LESS if ipv6 else mss):
             self.counters[direction + "_mss_clamped"] += 1
 
     def held(self, dest: Peer, batches: Batches, now: float) -> bool:
@@ -246,8 +310,8 @@ class Router:
             entry.tx_bytes += nbytes
 
     def tx_destination(self, dst: bytes, now: float) -> tuple[Peer, Entry | None] | None:
-        """(UDP (host, port), store entry or None) for a packet to IPv4 *dst*
-        (4 bytes), or None (counted)."""
+        """(UDP (host, port), store entry or None) for a packet to *dst* (4
+        bytes: IPv4, 16: IPv6), or None (counted)."""
         if self.client:
             route = self._routes.get(dst)
             if route is None:
@@ -270,7 +334,7 @@ class Router:
             self.servers = {d: s for d, s in self.servers.items() if d in self.remotes}
         port = self.endpoint_port
         assert port is not None  # client mode: endpoint_port is set (see client)
-        route = self._routes[bytes(dst)] = ((socket.inet_ntoa(dst), port), None)
+        route = self._routes[bytes(dst)] = ((ntop(dst), port), None)
         if route[0] not in self.servers:
             self.servers[route[0]] = ServerState(route[0][0])
         return route
@@ -283,7 +347,7 @@ class Router:
         reason = classify_rx(seg)
         if reason is None:
             if seg[13] & SYN and self.mss:
-                self.clamp(seg, "rx")
+                self.clamp(seg, "rx", ":" in peer[0])
             return True
         if not seg:
             if self.keepalive_received(peer, now):
@@ -308,8 +372,10 @@ class Router:
         """(source, destination, entry) for *count* segments from UDP *peer*, or
         None (then counted as *count* drops).
 
-        entry is the server's store entry (None in client mode)."""
-        dst = self.tun_address
+        entry is the server's store entry (None in client mode).  Addresses
+        are of the peer's family: 16 bytes for a peer over IPv6."""
+        ipv6 = ":" in peer[0]
+        dst = self.tun_address6 if ipv6 else self.tun_address
         if self.client:
             src: bytes | None
             server = self.servers.get(peer)
@@ -321,7 +387,7 @@ class Router:
                 if src is None:
                     if len(self._aton) > 4096:
                         self._aton.clear()
-                    src = self._aton[peer[0]] = socket.inet_aton(peer[0])
+                    src = self._aton[peer[0]] = pton(peer[0])
             if dst is None:
                 self._no_tun_address(peer, now, count)
                 return None
@@ -353,19 +419,20 @@ class Router:
         return entry.address, dst, entry
 
     def _no_tun_address(self, peer: Peer, now: float, count: int = 1) -> None:
+        family = "IPv6" if ":" in peer[0] else "IPv4"
         self.count_rarely_logged(
-            "rx_drop_" + RX_NO_TUN_ADDRESS, "dropping datagrams from %s:%d: the tun has no IPv4 "
+            "rx_drop_" + RX_NO_TUN_ADDRESS, "dropping datagrams from %s:%d: the tun has no %s "
             "address (give it one: --tun-address, or ip addr add ADDRESS dev TUN)", *peer,
-            now=now, peer=peer, amount=count)
+            family, now=now, peer=peer, amount=count)
 
     def _admit(self, store: PeerStore, peer: Peer, now: float, count: int = 1) -> Entry | None:
-        entry = store.admit(peer, now)
+        entry = store.admit(peer, now, ":" in peer[0])
         if isinstance(entry, str):
             self.count_rarely_logged("rx_drop_" + entry, "refusing new peer %s:%d: %s",
                                      *peer, entry.replace("_", " "), now=now, peer=peer,
                                      amount=count)
             return None
-        log.info("new peer %s:%d -> %s", *peer, ipaddress.IPv4Address(entry.address))
+        log.info("new peer %s:%d -> %s", *peer, ntop(entry.address))
         return entry
 
     def _ask_to_authenticate(self, peer: Peer, now: float) -> None:
@@ -394,8 +461,9 @@ class Router:
             return
         kind, body = msg
         if self.server_auth is not None:
-            if self.tun_address is None:  # nobody can be admitted: say why
-                self._no_tun_address(peer, now)
+            ipv6 = ":" in peer[0]
+            if (self.tun_address6 if ipv6 else self.tun_address) is None:
+                self._no_tun_address(peer, now)  # nobody can be admitted: say why
                 return
             reply, outcome = self.server_auth.on_control(kind, body, peer, now)
             store = self.store
@@ -532,7 +600,7 @@ class Router:
             self.warn("unreachable", dest, now, "server %s:%d: port unreachable%s: nothing "
                       "listens on UDP port %d there (is --endpoint-port right, is the server "
                       "running?)", *dest, via, dest[1])
-        elif err == errno.EMSGSIZE and info < MIN_IPV4_MTU:
+        elif err == errno.EMSGSIZE and info < (MIN_IPV6_MTU if ":" in dest[0] else MIN_IPV4_MTU):
             self.warn("path_mtu", dest, now, "server %s: a \"fragmentation needed\"%s names no "
                       "usable MTU (%d: a broken router, or a forged message); the kernel lowers "
                       "the path MTU to its minimum for a while: larger datagrams are refused",

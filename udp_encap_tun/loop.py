@@ -127,6 +127,8 @@ class Loop(Generic[Dest]):
         self.tun_pending = Pending(packets.fd)
         self.udp_pending = Pending(conn.fd) if conn.fd is not None else None
         self.running = False
+        # the tun's addresses (IPv4, IPv6) the Router was last told of (None: never)
+        self._tun_addresses: tuple[Any, Any] = (None, None)
         # set by the signal handler (Python runs it in this thread, between bytecodes);
         # the wake-up pipe only wakes the loop, its bytes are not relied on
         self.stop_signal: int | None = None
@@ -135,8 +137,9 @@ class Loop(Generic[Dest]):
         conn.too_long = self._shrunk if links is not None else None
         self.set_max_segment((links and links.max_segment) or BUFSIZE)
         # RX buffer: datagrams land at rx_start, with room for the tun's headers
-        # in front (the tun header part stays zero: no offload flags)
-        self.rx_start = packets.header_len + pk.IPV4_HEADER_LEN
+        # in front: an IPv6 header (40 bytes) or an IPv4 one (20), then the tun
+        # header (kept zero: no offload flags)
+        self.rx_start = packets.header_len + pk.IPV6_HEADER_LEN
         self.rx_batch = RX_BATCH if packets.coalesces else BATCH
         self.rxbuf = bytearray(self.rx_start + (RX_AREA if packets.coalesces else BUFSIZE))
         self.rxview = memoryview(self.rxbuf)
@@ -352,7 +355,9 @@ class Loop(Generic[Dest]):
 
     def deliver(self, n: int, peer: Address, now: float) -> None:
         """A datagram of *n* bytes at ``rxbuf[rx_start:]`` (the tun's headers fit
-        in front of it) goes to the tun on its own, its TCP checksum computed here."""
+        in front of it) goes to the tun on its own, its TCP checksum computed
+        here: an IPv4 header is built 20 bytes in front of it, an IPv6 one 40
+        (the peer's family), the tun header in front of that."""
         router, start = self.router, self.rx_start
         if not router.rx_segment(self.rxview[start:start + n], peer, now):
             return
@@ -360,9 +365,18 @@ class Loop(Generic[Dest]):
         if addrs is None:
             return
         src, dst, entry = addrs
-        pk.build_rx_packet(self.rxbuf, n, router.next_ident(), src, dst,
-                           start - pk.IPV4_HEADER_LEN)
-        if self.packets.write(self.rxview[:start + n]):
+        if len(src) == 4:
+            header = start - pk.IPV4_HEADER_LEN
+            pk.build_rx_packet(self.rxbuf, n, router.next_ident(), src, dst, header)
+            written = self.packets.write(self.rxview[header - self.tun_header_len:start + n])
+        else:
+            header = start - pk.IPV6_HEADER_LEN
+            pk.build_rx_packet6(self.rxbuf, n, src, dst, header)
+            written = self.packets.write(self.rxview[:start + n])
+            # the IPv6 header covers where an IPv4 packet's tun header goes
+            self.rxbuf[start - pk.IPV4_HEADER_LEN - self.tun_header_len:
+                       start - pk.IPV4_HEADER_LEN] = bytes(self.tun_header_len)
+        if written:
             router.received(entry, 1, n)
 
     def on_udp_error(self) -> None:
@@ -424,11 +438,23 @@ class Loop(Generic[Dest]):
 
     # -- the tun's address and the links -----------------------------------------
     def _address_changed(self) -> None:
-        try:
-            self.router.set_tun_address(self.tun.address, self.tun.network)
-        except PoolError as exc:
-            self.router.store = None
-            log.error("%s: new peers are refused until the tun address or pool is fixed", exc)
+        """The tun's addresses (may) have changed: the Router hears of each
+        family whose address did."""
+        tun, router = self.tun, self.router
+        four, six = (tun.address, tun.network), (tun.address6, tun.network6)
+        if four != self._tun_addresses[0]:
+            try:
+                router.set_tun_address(*four)
+            except PoolError as exc:
+                log.error("%s: new IPv4 peers are refused until the tun address or pool is "
+                          "fixed", exc)
+        if six != self._tun_addresses[1] and hasattr(router, "set_tun_address6"):
+            try:
+                router.set_tun_address6(*six)
+            except PoolError as exc:
+                log.error("%s: new IPv6 peers are refused until the tun's IPv6 address or pool "
+                          "is fixed", exc)
+        self._tun_addresses = (four, six)
 
     def _link_names(self) -> tuple[str, ...]:
         return (self.links.bind_name,) if self.links is not None else ()

@@ -1,5 +1,5 @@
 """The tun edge: the device (open or create it, configure it with pyroute2,
-follow its IPv4 address and the links -- tun and bound interface -- through
+follow its IPv4 and IPv6 addresses and the links -- tun and bound interface -- through
 netlink, remove it on exit if we created it) and the classes that read and
 write batches of packets on it (the virtio-net header, TSO super-packets cut
 into wire segments and coalescing on write are theirs)."""
@@ -21,7 +21,7 @@ from typing import Any, Final
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_LINK
+from pyroute2.netlink.rtnl import RTMGRP_IPV4_IFADDR, RTMGRP_IPV6_IFADDR, RTMGRP_LINK
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from . import offload as ol, packet as pk, tiu
@@ -39,6 +39,12 @@ IFF_NO_PI: Final = 0x1000
 IFF_VNET_HDR: Final = 0x4000
 TUN_F_CSUM: Final = 0x01
 TUN_F_TSO4: Final = 0x02
+TUN_F_TSO6: Final = 0x04
+# per-interface IPv6 settings that keep the kernel's own chatter off a tun
+# (IPv6 stays on): no router solicitations, no duplicate address detection
+QUIET_IPV6: Final = (("accept_ra", "0"), ("router_solicitations", "0"), ("accept_dad", "0"),
+                     ("dad_transmits", "0"))
+RT_SCOPE_UNIVERSE: Final = 0
 
 MONITOR_BUFFER: Final = 1 << 20
 RTPROT_KERNEL: Final = 2
@@ -79,24 +85,27 @@ class Tun:
             raise OperatorError(f"cannot attach tun {name}: {exc.strerror}") from None
         self.fd = fd
         self.index = self.ipr.link_lookup(ifname=name)[0]
-        if self.created:
-            self._disable_ipv6()
+        self.sysctls: dict[str, str] = {}  # IPv6 settings we changed on a kept tun: old values
+        self._quiet_ipv6()
         self.address: bytes | None = None  # the tun's own IPv4 address, 4 bytes
         self.network: ipaddress.IPv4Network | None = None
+        self.address6: bytes | None = None  # its own global IPv6 address, 16 bytes
+        self.network6: ipaddress.IPv6Network | None = None
         self.monitor: socket.socket | None = None
         self.marshal = MarshalRtnl()
         # what we configured, undone on close: ("addr" or "route", its pyroute2 arguments)
         self.added: list[tuple[str, dict[str, Any]]] = []
 
     def add_address(self, cidr: str) -> None:
-        """Give the tun this address (kept if it already has it)."""
+        """Give the tun this IPv4 or IPv6 address (kept if it already has it)."""
         iface = _interface(cidr, "--tun-address")
-        have = {(a.get_attr("IFA_ADDRESS"), a["prefixlen"])
-                for a in self.ipr.get_addr(index=self.index, family=2)}
-        if (str(iface.ip), iface.network.prefixlen) in have:
+        family = socket.AF_INET6 if iface.version == 6 else socket.AF_INET
+        have = {(ipaddress.ip_address(a.get_attr("IFA_ADDRESS")), a["prefixlen"])
+                for a in self.ipr.get_addr(index=self.index, family=family)}
+        if (iface.ip, iface.network.prefixlen) in have:
             return
-        spec = {"index": self.index, "address": str(iface.ip),
-                "prefixlen": iface.network.prefixlen}
+        spec: dict[str, object] = {"index": self.index, "address": str(iface.ip),
+                                   "prefixlen": iface.network.prefixlen, "family": family}
         try:
             with quiet_pyroute2():
                 self.ipr.addr("add", **spec)
@@ -107,7 +116,9 @@ class Tun:
     def add_route(self, cidr: str) -> None:
         """Route *cidr* into the tun (kept as it is if that route exists)."""
         net = _interface(cidr, "--route").network
-        spec = {"dst": str(net.network_address), "dst_len": net.prefixlen, "oif": self.index}
+        spec: dict[str, object] = {
+            "dst": str(net.network_address), "dst_len": net.prefixlen, "oif": self.index,
+            "family": socket.AF_INET6 if net.version == 6 else socket.AF_INET}
         try:
             with quiet_pyroute2():
                 self.ipr.route("add", **spec)
@@ -118,18 +129,40 @@ class Tun:
             raise OperatorError(f"cannot add route {net} via {self.name}: {exc}") from None
         self.added.append(("route", spec))
 
-    def _disable_ipv6(self) -> None:
-        """Nothing but IPv4 crosses the tunnel: spare a new tun the kernel's IPv6
-        chatter (router solicitations), which would only be counted and dropped."""
-        # no IPv6, or /proc/sys read-only (a sandboxed service): left as it is
-        with contextlib.suppress(OSError), \
-                open(f"/proc/sys/net/ipv6/conf/{self.name}/disable_ipv6", "w") as f:
-            f.write("1")
+    def _quiet_ipv6(self) -> None:
+        """IPv6 stays on (the operator may give the tun an IPv6 address at any
+        time), but the kernel's own IPv6 chatter would be read from the tun and
+        counted as dropped: no router solicitations (accept_ra, router_
+        solicitations) and no duplicate address detection.  (A tun is NOARP: it
+        joins no solicited-node group; a host that forwards IPv6 still reports
+        the all-routers group by MLD, a few packets when the link comes up.)
+        On a tun we keep the old values are restored on exit."""
+        for key, value in QUIET_IPV6:
+            path = f"/proc/sys/net/ipv6/conf/{self.name}/{key}"
+            try:
+                with open(path) as f:
+                    old = f.read().strip()
+                if old != value:
+                    with open(path, "w") as f:
+                        f.write(value)
+                    if not self.created:
+                        self.sysctls.setdefault(key, old)
+            except OSError:  # no IPv6, or /proc/sys read-only (a sandboxed service)
+                return
+
+    def _restore_ipv6(self) -> None:
+        for key, old in self.sysctls.items():
+            try:
+                with open(f"/proc/sys/net/ipv6/conf/{self.name}/{key}", "w") as f:
+                    f.write(old)
+            except OSError as exc:  # deleted meanwhile
+                log.debug("restoring %s of %s: %s", key, self.name, exc)
+        self.sysctls.clear()
 
     def enable_offload(self) -> bool:
         """Ask for TCP segmentation and checksum offload (needs IFF_VNET_HDR)."""
         try:
-            fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4)
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)
         except OSError as exc:
             log.warning("tun %s refuses TSO/checksum offload (%s): using the simple path",
                         self.name, exc.strerror)
@@ -149,7 +182,7 @@ class Tun:
         self.ipr.link("set", index=self.index, mtu=mtu)
 
     def start_monitor(self) -> socket.socket:
-        """A netlink socket that becomes readable when IPv4 addresses or links
+        """A netlink socket that becomes readable when addresses or links
         change.  A plain non-blocking socket, read to EAGAIN, with pyroute2's
         parser: an IPRoute reads every queued datagram into a queue of its own
         and hands out one per call, so epoll would miss what it holds."""
@@ -158,7 +191,7 @@ class Tun:
             socket.NETLINK_ROUTE)
         with contextlib.suppress(OSError):
             monitor.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, MONITOR_BUFFER)
-        monitor.bind((0, RTMGRP_IPV4_IFADDR | RTMGRP_LINK))
+        monitor.bind((0, RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_LINK))
         self.refresh_address()
         return monitor
 
@@ -214,7 +247,9 @@ class Tun:
         return events
 
     def refresh_address(self) -> bool:
-        addrs = self.ipr.get_addr(index=self.index, family=2)
+        """Look the tun's IPv4 address and its global IPv6 address up (the
+        first of each); True if either changed."""
+        addrs = self.ipr.get_addr(index=self.index, family=socket.AF_INET)
         if addrs:
             iface = ipaddress.IPv4Interface(
                 f"{addrs[0].get_attr('IFA_ADDRESS')}/{addrs[0]['prefixlen']}")
@@ -228,6 +263,23 @@ class Tun:
             log.info("tun %s address: %s", self.name,
                      f"{ipaddress.IPv4Address(address)}/{iface.network.prefixlen}" if address
                      else "none")
+        return self._refresh_address6() or changed
+
+    def _refresh_address6(self) -> bool:
+        address6: bytes | None = None
+        network6: ipaddress.IPv6Network | None = None
+        for a in self.ipr.get_addr(index=self.index, family=socket.AF_INET6):
+            if a["scope"] == RT_SCOPE_UNIVERSE:
+                iface6 = ipaddress.IPv6Interface(
+                    f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
+                address6, network6 = iface6.ip.packed, iface6.network
+                break
+        changed = (address6, network6) != (self.address6, self.network6)
+        self.address6, self.network6 = address6, network6
+        if changed:
+            log.info("tun %s IPv6 address: %s", self.name,
+                     f"{ipaddress.IPv6Address(address6)}/{network6.prefixlen}"
+                     if address6 and network6 else "none")
         return changed
 
     def _routes(self) -> dict[tuple[str, int], Any]:
@@ -265,6 +317,7 @@ class Tun:
 
     def close(self) -> None:
         self.undo()
+        self._restore_ipv6()
         if self.monitor is not None:
             self.monitor.close()
             self.monitor = None
@@ -281,11 +334,12 @@ class Tun:
         self.ipr.close()
 
 
-def open_tun(name: str, mtu: int, address: str | None, offload: bool) -> tuple[Tun, bool]:
+def open_tun(name: str, mtu: int, address: str | Sequence[str] | None,
+             offload: bool) -> tuple[Tun, bool]:
     """Open the tun *name* -- with TSO/checksum offload if *offload* and the kernel
     grants it, else reopened without -- set its MTU, bring it up and give it
-    *address* (if any).  Returns (tun, offload granted); the tun is closed again
-    if configuring it fails."""
+    *address* (if any: one CIDR or several, IPv4 or IPv6).  Returns (tun,
+    offload granted); the tun is closed again if configuring it fails."""
     tun = Tun(name, vnet_hdr=offload)
     if offload and not tun.enable_offload():
         tun.close()
@@ -293,8 +347,8 @@ def open_tun(name: str, mtu: int, address: str | None, offload: bool) -> tuple[T
         tun = Tun(name)
     try:
         tun.configure(mtu)
-        if address:
-            tun.add_address(address)
+        for cidr in [address] if isinstance(address, str) else address or ():
+            tun.add_address(cidr)
     except BaseException:
         tun.close()
         raise
@@ -315,11 +369,11 @@ def quiet_pyroute2() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def _interface(cidr: str, option: str) -> ipaddress.IPv4Interface:
+def _interface(cidr: str, option: str) -> ipaddress.IPv4Interface | ipaddress.IPv6Interface:
     try:
-        return ipaddress.IPv4Interface(cidr)
+        return ipaddress.ip_interface(cidr)
     except ValueError:
-        raise OperatorError(f"{option} {cidr!r} is not an IPv4 address/prefix") from None
+        raise OperatorError(f"{option} {cidr!r} is not an IPv4 or IPv6 address/prefix") from None
 
 
 def link_info(ifname: str) -> tuple[int, int]:
@@ -419,15 +473,20 @@ class Packets:
 
     def write_segments(self, segments: Sequence[Buffer], src: bytes, dst: bytes,
                        next_ident: Callable[[], int]) -> tuple[int, int]:
-        """Write received TCP segments of one peer, in arrival order, as IPv4
-        packets from *src* to *dst*: (packets, bytes) of them that went in."""
+        """Write received TCP segments of one peer, in arrival order, as IP
+        packets from *src* to *dst* (IPv4 or IPv6: 4 or 16 bytes): (packets,
+        bytes) of them that went in."""
         buf, view, hlen = self.buf, self.view, self.header_len
+        ipv6 = len(src) == 16
+        start = hlen + (pk.IPV6_HEADER_LEN if ipv6 else pk.IPV4_HEADER_LEN)
         packets = nbytes = 0
         for seg in segments:
             n = len(seg)
-            start = hlen + pk.IPV4_HEADER_LEN
             view[start:start + n] = seg
-            pk.build_rx_packet(buf, n, next_ident(), src, dst, hlen)
+            if ipv6:
+                pk.build_rx_packet6(buf, n, src, dst, hlen)
+            else:
+                pk.build_rx_packet(buf, n, next_ident(), src, dst, hlen)
             if self.write(view[:start + n]):
                 packets += 1
                 nbytes += n
@@ -461,7 +520,7 @@ class OffloadPackets(Packets):
         if self.buf[1] == ol.GSO_NONE:  # the vnet header's gso_type: a plain packet
             return pkt, 0
         _flags, gso_type, _hdr_len, gso_size = self._unpack_vnet(self.buf, 0)[:4]
-        if gso_type & ~ol.GSO_ECN == ol.GSO_TCPV4 and gso_size:
+        if gso_type & ~ol.GSO_ECN in (ol.GSO_TCPV4, ol.GSO_TCPV6) and gso_size:
             return pkt, gso_size
         self.counters["tx_drop_unsupported_gso"] += 1
         return None
