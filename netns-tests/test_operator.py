@@ -86,9 +86,10 @@ def test_port_already_in_use(pair: Pair):
 def test_created_tun_is_removed_on_sigterm(pair: Pair):
     server = pair.start_server()
     assert pair.s.link_exists(pair.stun)
-    # a tun it creates gets no IPv6 (only IPv4 crosses): no router solicitations to drop
-    ipv6 = pair.s.run("sysctl", "-n", f"net.ipv6.conf.{pair.stun}.disable_ipv6").stdout.strip()
-    assert ipv6 == "1"
+    # a tun it creates keeps IPv6 on, without router solicitations to drop
+    for key, value in (("disable_ipv6", "0"), ("accept_ra", "0"), ("router_solicitations", "0")):
+        got = pair.s.run("sysctl", "-n", f"net.ipv6.conf.{pair.stun}.{key}").stdout.strip()
+        assert got == value, key
     final = server.stop()  # exit status 0
     assert "tx_drop_not_ipv4" not in final, final
     assert not pair.s.link_exists(pair.stun)
@@ -96,13 +97,18 @@ def test_created_tun_is_removed_on_sigterm(pair: Pair):
 
 def test_existing_tun_is_left_in_place(pair: Pair):
     """A tun made beforehand (persistent, ``ip tuntap add``) is used, and still
-    there after the tool exits - also after a second run on it."""
+    there after the tool exits - also after a second run on it - with the
+    IPv6 settings the tool changed while it ran put back."""
     pair.s.run("ip", "tuntap", "add", "dev", pair.stun, "mode", "tun")
     index = pair.s.index(pair.stun)
+    accept_ra = f"net.ipv6.conf.{pair.stun}.accept_ra"
+    pair.s.sysctl(accept_ra, 2)
     server = pair.start_server()
+    assert pair.s.run("sysctl", "-n", accept_ra).stdout.strip() == "0"
     pair.start_client()
     pair.transfer(7001, "download", MB)
     server.stop()
+    assert pair.s.run("sysctl", "-n", accept_ra).stdout.strip() == "2"
     assert pair.s.index(pair.stun) == index
 
     # again, on the same tun, which kept its address
