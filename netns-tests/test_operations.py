@@ -118,8 +118,9 @@ def test_runs_without_root_with_net_admin_and_net_raw(pair: Pair, runtime, tun_n
     info = link_info(pair.s, pair.stun)
     assert (info["kind"], info["mtu"]) == ("tun", 1500 - 8), info  # MTU of the veth minus 8
     assert link_info(pair.c, pair.ctun)["mtu"] == 1400
-    assert f"0.0.0.0%{pair.vs}:{Pair.PORT}" in udp_sockets(pair.s)
-    assert f"0.0.0.0%{pair.vc}:{Pair.PORT}" in udp_sockets(pair.c)
+    # one socket for both families (ss: '*'), bound to the interface
+    assert f"*%{pair.vs}:{Pair.PORT}" in udp_sockets(pair.s)
+    assert f"*%{pair.vc}:{Pair.PORT}" in udp_sockets(pair.c)
     assert "10.9.0.1/24" in addresses(pair.s, pair.stun)
     assert "10.9.0.2/32" in addresses(pair.c, pair.ctun)
     assert routes(pair.c).get(f"{Pair.SERVER_IP}/32") == {pair.ctun}
@@ -479,7 +480,7 @@ def test_every_option_from(pair: Pair, tmp_path, source):
     option visibly does:
 
     A: a PSK server and its client: interface (tun of that name), listen-port
-    and bind-to-interface (the socket ``0.0.0.0%dev:port``), endpoint-port
+    and bind-to-interface (the socket ``*%dev:port``, both families), endpoint-port
     (client mode, reaches the server there), mtu (tun MTU), address-pool and
     address-key (the generated address is the key's hash into that pool),
     peer-timeout (the peer expires once its client stops), psk-file
@@ -529,8 +530,8 @@ def test_every_option_from(pair: Pair, tmp_path, source):
     assert link_info(pair.s, tun_a)["mtu"] == server_mtu
     assert link_info(pair.c, tun_c)["mtu"] == client_mtu
     for port in (server_port, open_port):
-        assert f"0.0.0.0%{pair.vs}:{port}" in udp_sockets(pair.s)
-    assert f"0.0.0.0%{pair.vc}:{client_port}" in udp_sockets(pair.c)
+        assert f"*%{pair.vs}:{port}" in udp_sockets(pair.s)  # both families (ss: '*')
+    assert f"*%{pair.vc}:{client_port}" in udp_sockets(pair.c)
     assert f"server mode, tun {tun_a}, UDP port {server_port}" in server.log()
     assert f"client mode, tun {tun_c}, UDP port {client_port}" in client.log()
     for tool in (server, client):

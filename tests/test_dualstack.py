@@ -364,3 +364,10 @@ def test_offload_drain_coalesces_ipv6_segments(dual, tun_pair):
     ip6 = out[offload.VNET_HDR_LEN:]
     assert ip6[0] >> 4 == 6 and ip6[24:40] == TUN6 and ip6[60:] == payload * 3
     assert tunnel.counters["rx_packets"] == 3
+
+
+def test_a_link_local_server_gets_its_address_without_the_scope():
+    r = Router(endpoint_port=4000)
+    r.set_tun_address6(TUN6, NET6)
+    src, dst, _ = r.rx_addresses(("fe80::1%vc0", 4000), 0)
+    assert src == ipaddress.IPv6Address("fe80::1").packed and dst == TUN6

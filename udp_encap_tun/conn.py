@@ -298,7 +298,7 @@ class Datagrams:
     def send(self, batches: Batches, dest: Address) -> tuple[int, int]:
         """Send the wire segments of *batches* to *dest*: (datagrams, bytes) sent."""
         packets = nbytes = 0
-        to = self.wire_address(dest) if self.v6 else dest
+        to = (self._wire.get(dest) or self.wire_address(dest)) if self.v6 else dest
         for data, size in batches:
             n = len(data)
             try:
@@ -368,7 +368,9 @@ class Datagrams:
         """One datagram into *view*: (length, source, GRO segment size or 0).
         Raises BlockingIOError when none is queued."""
         n, peer = self.sock.recvfrom_into(view)
-        return n, self.peer(peer) if self.v6 else peer, 0
+        if self.v6:
+            peer = self._peers.get(peer) or self.peer(peer)
+        return n, peer, 0
 
     def split(self, view: memoryview, n: int, seg_size: int) -> list[memoryview]:
         """The datagrams of a receive of *n* bytes (several with UDP_GRO)."""

@@ -96,8 +96,11 @@ class Warnings:
 
 
 def pton(host: str) -> bytes:
-    """The 4 (IPv4) or 16 (IPv6) bytes of a host address."""
-    return socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
+    """The 4 (IPv4) or 16 (IPv6) bytes of a host address (a link-local one's
+    scope, ``%interface``, left out)."""
+    if ":" in host:
+        return socket.inet_pton(socket.AF_INET6, host.partition("%")[0])
+    return socket.inet_aton(host)
 
 
 def ntop(address: bytes) -> str:
