@@ -371,3 +371,35 @@ def test_a_link_local_server_gets_its_address_without_the_scope():
     r.set_tun_address6(TUN6, NET6)
     src, dst, _ = r.rx_addresses(("fe80::1%vc0", 4000), 0)
     assert src == ipaddress.IPv6Address("fe80::1").packed and dst == TUN6
+
+
+def test_psk_handshake_over_ipv6_admits_the_peer_with_an_ipv6_address():
+    """Client and server Routers with one key, talking over IPv6: the data
+    the client held is released once authenticated, and the server admits the
+    peer with an address of its IPv6 pool."""
+    from udp_encap_tun import auth
+
+    key = b"k" * 32
+    client6, server6 = ("2001:db8::2", 5000), ("2001:db8::1", 5000)
+    server = Router(keys=auth.Keys(key))
+    server.set_tun_address6(TUN6, NET6)
+    client = Router(endpoint_port=5000, keys=auth.Keys(key))
+    client.set_tun_address6(ipaddress.IPv6Address("fd00:13::99").packed, None)
+    dst = ipaddress.IPv6Address(server6[0]).packed
+    pkt = ip_packet(tcp_segment(b"held", src=TUN6, dst=dst), TUN6, dst)
+    route = client.tx(memoryview(pkt), 0)
+    assert route is not None and route[0] == server6
+    assert client.held(server6, [(pkt[40:], len(pkt) - 40)], 0)
+    segments = []  # what reached the server as TCP (for its tun)
+    for _ in range(6):  # deliver each side's datagrams to the other
+        for sender, receiver, source in ((client, server, client6), (server, client, server6)):
+            outbox, sender.outbox = sender.outbox, []
+            for _dest, batches in outbox:
+                for data, _size in batches or [(b"", 0)]:
+                    if receiver.rx_segment(bytearray(data), source, 0):
+                        segments.append(bytes(data))
+    assert segments == [bytes(pkt[40:])]  # the held segment, released
+    assert server.counters["auth_accepted"] == 1 and client.counters["auth_authenticated"] == 1
+    entry = server.store.lookup_peer(client6, 0)
+    assert entry is not None and len(entry.address) == 16
+    assert ipaddress.IPv6Address(entry.address) in NET6
