@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 from typing import TYPE_CHECKING, Final
 
 from . import auth, packet as pk
@@ -360,6 +360,20 @@ class Router:
         else:
             self.counters["rx_drop_" + reason] += 1
         return False
+
+    def rx_segments(self, segs: Iterable[WriteBuffer], peer: Peer,
+                    now: float) -> list[WriteBuffer]:
+        """rx_segment for the datagrams of one receive (several: a GRO buffer):
+        the TCP segments among them, in order."""
+        good = []
+        for seg in segs:
+            if classify_rx(seg) is None:
+                if seg[13] & SYN and self.mss:
+                    self.clamp(seg, "rx")
+                good.append(seg)
+            else:  # a keepalive, a control message or junk: handled there
+                self.rx_segment(seg, peer, now)
+        return good
 
     def received(self, entry: Entry | None, packets: int, nbytes: int) -> None:
         """Data from the peer of *entry* (server) went into the tun."""

@@ -313,7 +313,7 @@ class Loop(Generic[Dest]):
         place, on the simple path or when it is a lone small one; otherwise a
         whole drain, each run of one peer's segments written coalesced."""
         view, router, conn = self.rxview, self.router, self.datagrams
-        recv, split, rx_segment = conn.recv, conn.split, router.rx_segment
+        recv, split, rx_segments = conn.recv, conn.split, router.rx_segments
         pending = self.udp_pending
         assert pending is not None  # on_udp is registered only by conn.Datagrams (conn.fd set)
         pending_now, coalesces = pending.now, self.packets.coalesces
@@ -334,11 +334,13 @@ class Loop(Generic[Dest]):
                     break
                 continue
             more = n >= SMALL or pending_now()
-            if not seg_size and (not coalesces or (not more and off == start)):
-                self.deliver(n, peer, now)  # nothing to coalesce (request/response)
-                continue
-            good = [seg for seg in split(view[off:off + n], n, seg_size)
-                    if rx_segment(seg, peer, now)]
+            if not seg_size:  # one datagram
+                if not coalesces or (not more and off == start):
+                    self.deliver(n, peer, now)  # nothing to coalesce (request/response)
+                    continue
+                good = rx_segments((view[off:off + n],), peer, now)
+            else:  # a GRO buffer: the UDP edge cuts it into its datagrams
+                good = rx_segments(split(view[off:off + n], n, seg_size), peer, now)
             off += n
             if not good:
                 continue

@@ -437,6 +437,8 @@ class Packets:
         else:
             total, hlen = 40 + ((pkt[4] << 8) | pkt[5]), 40
         tcp_len = total - hlen
+        if not gso_size and tcp_len <= self.max_segment and not self.tiu_wire:
+            return ((pkt[hlen:total], tcp_len),)  # the common case: one segment as it is
         if gso_size:
             if ((pkt[hlen + 12] >> 4) << 2) + gso_size > self.max_segment:
                 return self._cut_to_fit(pkt, total, hlen, gso_size)
