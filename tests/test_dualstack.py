@@ -291,16 +291,6 @@ def test_dual_stack_socket_sets_df_for_both_families(dual):
 # -- the loop: RX of an IPv6 segment --------------------------------------------------------
 
 
-@pytest.fixture
-def tun_pair():
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    ours.setblocking(False)
-    theirs.settimeout(2)
-    yield ours, theirs
-    ours.close()
-    theirs.close()
-
-
 def _tcp_ok(pkt: bytes) -> bool:
     """The TCP checksum of an IPv6 packet verifies (the reference checksum)."""
     seg = pkt[40:]

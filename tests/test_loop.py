@@ -115,17 +115,6 @@ def test_tx_path_cuts_a_tso_packet_and_counts_per_peer(sockets):
 # -- the receive side and the drain rules ----------------------------------------
 
 
-@pytest.fixture
-def tun_pair():
-    """A datagram socket pair standing in for the tun: packet boundaries kept."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-    ours.setblocking(False)
-    theirs.settimeout(2)
-    yield ours, theirs
-    ours.close()
-    theirs.close()
-
-
 def data_segment(seq: int, payload: bytes) -> bytes:
     return tcp_segment(payload, sport=7000, dport=40000, seq=seq, ack=1)
 
