@@ -135,6 +135,10 @@ def test_ipv6_syns_are_clamped_20_bytes_lower_both_ways():
     seg4 = bytearray(syn(1460))
     assert r.rx_segment(seg4, PEER4, 0) and mss_of(seg4) == 1400  # IPv4: the clamp itself
     assert r.counters["rx_mss_clamped"] == 2 and r.counters["tx_mss_clamped"] == 1
+    # a drain's worth at once (the offload path's coalescing receive): the same clamp
+    segs = [bytearray(syn(1460)), bytearray(b""), bytearray(syn(1460))]
+    assert r.rx_segments(segs, PEER6, 1) == [segs[0], segs[2]]
+    assert mss_of(segs[0]) == mss_of(segs[2]) == 1380 and r.counters["rx_keepalives"] == 1
 
 
 def test_keepalive_of_an_ipv6_peer_is_answered_like_an_ipv4_one():

@@ -352,6 +352,28 @@ class Router:
             if seg[13] & SYN and self.mss:
                 self.clamp(seg, "rx", ":" in peer[0])
             return True
+        self._not_data(seg, reason, peer, now)
+        return False
+
+    def rx_segments(self, segs: Iterable[WriteBuffer], peer: Peer,
+                    now: float) -> list[WriteBuffer]:
+        """rx_segment for the datagrams of one receive (several: a GRO buffer):
+        the TCP segments among them, in order (one call per receive, not per
+        segment: rx_segment's body inline)."""
+        good = []
+        for seg in segs:
+            reason = classify_rx(seg)
+            if reason is None:
+                if seg[13] & SYN and self.mss:
+                    self.clamp(seg, "rx", ":" in peer[0])
+                good.append(seg)
+            else:
+                self._not_data(seg, reason, peer, now)
+        return good
+
+    def _not_data(self, seg: WriteBuffer, reason: str, peer: Peer, now: float) -> None:
+        """A datagram that is no TCP segment: a keepalive (answered through the
+        outbox), a control message, or junk (counted under *reason*)."""
         if not seg:
             if self.keepalive_received(peer, now):
                 self.outbox.append((peer, None))
@@ -359,21 +381,6 @@ class Router:
             self.control(seg, peer, now)
         else:
             self.counters["rx_drop_" + reason] += 1
-        return False
-
-    def rx_segments(self, segs: Iterable[WriteBuffer], peer: Peer,
-                    now: float) -> list[WriteBuffer]:
-        """rx_segment for the datagrams of one receive (several: a GRO buffer):
-        the TCP segments among them, in order."""
-        good = []
-        for seg in segs:
-            if classify_rx(seg) is None:
-                if seg[13] & SYN and self.mss:
-                    self.clamp(seg, "rx")
-                good.append(seg)
-            else:  # a keepalive, a control message or junk: handled there
-                self.rx_segment(seg, peer, now)
-        return good
 
     def received(self, entry: Entry | None, packets: int, nbytes: int) -> None:
         """Data from the peer of *entry* (server) went into the tun."""
