@@ -412,19 +412,15 @@ class Packets:
         self.max_segment = BUFSIZE  # the largest wire segment the bound link carries
         self.buf = bytearray(BUFSIZE + 16)
         self.view = memoryview(self.buf)
-        self.read = functools.partial(os.readv, self.fd, (self.buf,))  # type: ignore[method-assign]
+        # read(): one packet into buf, its length; BlockingIOError when none is
+        # queued, OSError otherwise (check_gone tells a deleted tun).  os.readv
+        # bound to the fd and buffer: no Python frame per packet.
+        self.read: Callable[[], int] = functools.partial(os.readv, self.fd, (self.buf,))
 
     def describe(self) -> str:
         return "one packet per system call"
 
     # -- TX --------------------------------------------------------------------
-    def read(self) -> int:
-        """Read one packet into ``buf``: its length.  Raises BlockingIOError when
-        none is queued, or OSError (check_gone says whether the tun is gone).
-        The instance's ``read`` is os.readv bound to the fd and buffer (no
-        Python frame per packet); this method is what it does."""
-        return os.readv(self.fd, (self.buf,))
-
     def packet(self, n: int) -> tuple[memoryview, int] | None:
         """The IPv4 packet of a read of *n* bytes and its GSO size (0: one segment)."""
         return self.view[:n], 0
