@@ -1,9 +1,11 @@
 """The loop and its edges on loopback sockets, with a socket pair or a pipe
 standing in for the tun (no root)."""
 
+import contextlib
 import ipaddress
 import logging
 import os
+import select
 import signal
 import socket
 import time
@@ -16,7 +18,7 @@ from udp_encap_tun import conn, offload, packet
 from udp_encap_tun.conn import probe_udp_offload
 from udp_encap_tun.core import Router
 from udp_encap_tun.errors import OperatorError
-from udp_encap_tun.loop import Pending, default_wire
+from udp_encap_tun.loop import SMALL, default_wire
 
 
 @pytest.fixture
@@ -134,19 +136,6 @@ def written(theirs, count):
     return [theirs.recv(70000) for _ in range(count)]
 
 
-def test_pending_tells_whether_something_is_queued(tun_pair):
-    ours, theirs = tun_pair
-    pending = Pending(ours.fileno())
-    try:
-        assert not pending()
-        theirs.send(b"x")
-        assert pending()
-        ours.recv(10)
-        assert not pending()
-    finally:
-        pending.close()
-
-
 @pytest.mark.parametrize("kind", ["simple", "offload"])
 def test_lone_small_datagram_reaches_the_tun_with_valid_checksums(sockets, tun_pair, kind):
     tunnel = rx_tunnel(kind, sockets, tun_pair)
@@ -166,17 +155,33 @@ def test_lone_small_datagram_reaches_the_tun_with_valid_checksums(sockets, tun_p
 
 
 @pytest.mark.parametrize("kind", ["simple", "offload"])
-def test_small_datagrams_queued_together_are_all_drained(sockets, tun_pair, kind):
-    """A small datagram ends a drain only when nothing else is queued."""
+def test_a_small_datagram_ends_a_drain(sockets, tun_pair, kind):
+    """After a small datagram the drain ends (no system call asks whether more
+    is queued): the loop's next epoll_wait finds the next one, and every call
+    writes one, in order."""
     tunnel = rx_tunnel(kind, sockets, tun_pair)
     tx, rx = sockets
     for i in range(3):  # not in sequence: nothing to coalesce
         tx.sendto(data_segment(i * 100, b"?"), rx.getsockname())
     time.sleep(0.05)
+    for i in range(3):
+        tunnel.on_udp()
+        [out] = written(tun_pair[1], 1)
+        assert out[-21 + 4:-21 + 8] == (i * 100).to_bytes(4, "big")
+        assert tunnel.counters["rx_packets"] == i + 1
+    assert not select.select([tun_pair[1]], [], [], 0.05)[0]  # nothing more written
+
+
+def test_a_large_datagram_does_not_end_a_drain(sockets, tun_pair):
+    tunnel = rx_tunnel("simple", sockets, tun_pair)
+    tx, rx = sockets
+    big = b"x" * SMALL
+    for i in range(3):
+        tx.sendto(data_segment(i * 1000, big), rx.getsockname())
+    time.sleep(0.05)
     tunnel.on_udp()
     assert len(written(tun_pair[1], 3)) == 3
     assert tunnel.counters["rx_packets"] == 3
-    assert not tunnel.udp_pending()
 
 
 def test_offload_drain_coalesces_full_segments(sockets, tun_pair):
@@ -194,7 +199,8 @@ def test_offload_drain_coalesces_full_segments(sockets, tun_pair):
     assert tunnel.counters["rx_packets"] == 3
 
 
-def test_tx_drains_small_packets_queued_together(sockets, tun_pair):
+@pytest.mark.parametrize("size", [1, SMALL])
+def test_tx_reads_one_small_packet_per_call_and_drains_large_ones(sockets, tun_pair, size):
     tx, rx = sockets
     ours, theirs = tun_pair
     router = Router()
@@ -202,12 +208,20 @@ def test_tx_drains_small_packets_queued_together(sockets, tun_pair):
     entry = router.rx_addresses(rx.getsockname(), time.monotonic())[2]
     tunnel = default_wire(router, fake_tun(ours.fileno()), tx)
     for i in range(3):
-        pkt = bytearray(20) + data_segment(i, b"!")
+        pkt = bytearray(20) + data_segment(i, b"!" * size)
         packet.write_ipv4_header(pkt, 0, len(pkt), i, bytes([10, 9, 0, 1]), entry.address)
         theirs.send(pkt)
-    tunnel.on_tun()
-    assert [d[4:8] for d in received(rx, 3)] == [i.to_bytes(4, "big") for i in range(3)]
-    assert not tunnel.tun_pending()
+    rx.setblocking(False)
+    calls = 0
+    got = []
+    while len(got) < 3 and calls < 5:
+        tunnel.on_tun()
+        calls += 1
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                got.append(rx.recv(65535))
+    assert [d[4:8] for d in got] == [i.to_bytes(4, "big") for i in range(3)]
+    assert calls == (1 if size >= SMALL else 3)
 
 
 class _Storm:

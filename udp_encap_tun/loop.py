@@ -11,7 +11,6 @@ The simple and the offload path are the same loop given other edges."""
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -35,9 +34,12 @@ log = logging.getLogger(__name__)
 BATCH: Final = 64  # packets read from the tun before looking at the other fds again
 RX_BATCH: Final = 256  # receives per drain of the UDP side when the tun edge coalesces
 RX_AREA: Final = 4 << 20  # the RX buffer then: room for a whole drain
-# After a read shorter than this (an ACK, a small request) the drain of an fd goes
-# on only if a zero-timeout epoll says more is queued (see Pending).  After a
-# longer one (bulk: super-packets, GRO buffers) it just reads on.
+# After a read shorter than this (an ACK, a small request) the drain of an fd
+# ends: the next epoll_wait says whether more is queued.  A one-packet wake-up
+# (request/response) then costs no system call beyond its read and its send;
+# a queue of small packets costs one epoll_wait each, as a check for "more
+# queued" would.  After a longer read (bulk: super-packets, GRO buffers) the
+# drain reads on.
 SMALL: Final = 512
 KEEPALIVE: Final = ((b"", 0),)  # an empty datagram
 
@@ -67,26 +69,6 @@ class UdpEdge(Protocol[Dest]):
     def rebind(self, links: Links) -> None: ...
     def send(self, batches: Batches, dest: Dest) -> tuple[int, int]: ...
     def icmp_errors(self) -> list[IcmpError]: ...
-
-
-class Pending:
-    """Whether an fd has something queued, without reading it: a zero-timeout
-    epoll_wait on an epoll that watches only that fd.  That costs about a
-    third of a read that fails with EAGAIN, whose exception Python builds with
-    a decoded strerror message; a one-packet wake-up (request/response) would
-    pay for such a read on every hop."""
-
-    def __init__(self, fd: int):
-        self._epoll = select.epoll()
-        self._epoll.register(fd, select.EPOLLIN)
-        # what the data path calls: the bound C method itself (a non-empty list: queued)
-        self.now = functools.partial(self._epoll.poll, 0)
-
-    def __call__(self) -> bool:
-        return bool(self.now())
-
-    def close(self) -> None:
-        self._epoll.close()
 
 
 class Loop(Generic[Dest]):
@@ -124,8 +106,6 @@ class Loop(Generic[Dest]):
         self.poller: select.epoll | None = None
         self.callbacks: dict[int, Callable[[], None]] = {}
         self.tun_errors, self.udp_errors = ReadErrors(), ReadErrors()
-        self.tun_pending = Pending(packets.fd)
-        self.udp_pending = Pending(conn.fd) if conn.fd is not None else None
         self.running = False
         # the tun's addresses (IPv4, IPv6) the Router was last told of (None: never)
         self._tun_addresses: tuple[Any, Any] = (None, None)
@@ -208,9 +188,6 @@ class Loop(Generic[Dest]):
             for service in self.services:
                 service.close(self)
             poller.close()
-            self.tun_pending.close()
-            if self.udp_pending is not None:
-                self.udp_pending.close()
             signal.set_wakeup_fd(old_wakeup)
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -268,7 +245,6 @@ class Loop(Generic[Dest]):
         packets, router, conn = self.packets, self.router, self.conn
         read, packet, segments, send = packets.read, packets.packet, packets.segments, conn.send
         tx, holds, sent_data = router.tx, router.holds, router.sent_data
-        pending = self.tun_pending.now
         now = self.clock()
         for _ in range(BATCH):
             try:
@@ -281,7 +257,6 @@ class Loop(Generic[Dest]):
                 log.debug("tun read: %s", exc)
                 self._read_failed(self.tun_errors, packets.fd, "tun " + self.tun.name)
                 return
-            more = n >= SMALL or pending()
             item = packet(n)
             if item is not None:
                 pkt, gso_size = item
@@ -291,7 +266,7 @@ class Loop(Generic[Dest]):
                     batches = segments(pkt, gso_size)
                     if batches is not None and not (holds and router.held(dest, batches, now)):
                         sent_data(entry, *send(batches, dest))
-            if not more:
+            if n < SMALL:
                 return
 
     def _send_failed(self, exc: OSError, dest: Address, size: int) -> None:
@@ -314,14 +289,12 @@ class Loop(Generic[Dest]):
         whole drain, each run of one peer's segments written coalesced."""
         view, router, conn = self.rxview, self.router, self.datagrams
         recv, split, rx_segments = conn.recv, conn.split, router.rx_segments
-        pending = self.udp_pending
-        assert pending is not None  # on_udp is registered only by conn.Datagrams (conn.fd set)
-        pending_now, coalesces = pending.now, self.packets.coalesces
+        coalesces = self.packets.coalesces
         now = self.clock()
         groups: list[tuple[Address, list[memoryview]]] = []
         off = start = self.rx_start
         limit = len(view) - BUFSIZE
-        more: object = True  # a bool, or pending_now()'s list (non-empty: queued)
+        more = True
         for _ in range(self.rx_batch):
             if off > limit or not more:
                 break
@@ -333,7 +306,7 @@ class Loop(Generic[Dest]):
                 if self._udp_read_failed(exc):
                     break
                 continue
-            more = n >= SMALL or pending_now()
+            more = n >= SMALL
             if not seg_size:  # one datagram
                 if not coalesces or (not more and off == start):
                     self.deliver(n, peer, now)  # nothing to coalesce (request/response)
