@@ -79,14 +79,6 @@ def ones_add(a: int, b: int) -> int:
     return (s & 0xFFFF) + (s >> 16)
 
 
-def finish_csum(pkt: bytearray, csum_start: int, csum_offset: int) -> None:
-    """What the kernel does for NEEDS_CSUM: sum from csum_start to the end with
-    the check field as stored, write the complement at csum_start+csum_offset."""
-    total = P.total_length(pkt)
-    c = P.checksum(memoryview(pkt)[csum_start:total])
-    struct.pack_into("!H", pkt, csum_start + csum_offset, c)
-
-
 def kernel_write(buf, ident_start=100) -> list[bytearray]:
     """Emulate the kernel handling a tun write: parse the vnet header, segment
     a GSO packet the way tcp_gso_segment does (pseudo-header length adjusted
@@ -106,7 +98,7 @@ def kernel_write(buf, ident_start=100) -> list[bytearray]:
     assert hdr_len == 20 + doff_of(pkt[20:])
     if gso_type == GSO_NONE:
         assert gso_size == 0
-        finish_csum(pkt, csum_start, csum_offset)
+        testkit.finish_csum(pkt, csum_start, csum_offset, P.total_length(pkt))
         return [pkt]
     assert gso_type == GSO_TCPV4
     assert 0 < gso_size < len(pkt) - hdr_len  # really more than one segment
@@ -119,7 +111,7 @@ def kernel_write(buf, ident_start=100) -> list[bytearray]:
         struct.pack_into("!H", seg, 16, adj)
         assert adj == P.pseudo_header_sum(src, dst, len(seg))
         p = ipv4(seg, src, dst, ident_start + i)
-        finish_csum(p, 20, 16)
+        testkit.finish_csum(p, 20, 16, P.total_length(p))
         out.append(p)
     return out
 

@@ -104,13 +104,21 @@ def test_build_rx_packet_makes_valid_ipv4_and_tcp():
 
 
 @given(st.binary(min_size=4, max_size=4), st.binary(min_size=4, max_size=4),
-       st.binary(max_size=1500), st.integers(0, 0x1FFFF), st.integers(0, 12))
-def test_build_rx_packet_checksums_verify_by_the_reference(src, dst, payload, ident, offset):
+       st.binary(max_size=1500) | st.sampled_from([b"", b"\xff" * 6, b"\xff" * 7, bytes(9)]),
+       st.integers(0, 0x1FFFF), st.integers(0, 12), st.booleans())
+def test_build_rx_packet_checksums_verify_by_the_reference(src, dst, payload, ident, offset,
+                                                           partial):
     """Header and TCP checksums (added up from cached per-address sums) check
-    out with the slow reference, for any addresses, length, ID and offset."""
+    out with the slow reference, for any addresses, length, ID and offset;
+    *partial* (the pseudo-header sum left for the kernel) once finished as
+    the kernel does (NEEDS_CSUM)."""
     seg = tcp_segment(payload)
     buf = bytearray(offset + 20) + seg
-    pk.build_rx_packet(buf, len(seg), ident, src, dst, offset)
+    pk.build_rx_packet(buf, len(seg), ident, src, dst, offset, partial)
+    if partial:
+        assert struct.unpack_from("!H", buf, offset + 36)[0] % 0xFFFF == \
+            pk.pseudo_header_sum(src, dst, len(seg)) % 0xFFFF
+        testkit.finish_csum(buf, offset + 20, 16)
     packet = bytes(buf[offset:])
     assert reference_checksum(packet[:20]) == 0
     pseudo = src + dst + struct.pack("!HH", pk.IPPROTO_TCP, len(seg))

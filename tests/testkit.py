@@ -118,3 +118,28 @@ class FakeClock:
     def advance(self, dt: float) -> float:
         self.now += dt
         return self.now
+
+
+NEEDS_CSUM = 1  # virtio-net header flag: the kernel finishes a checksum (linux/virtio_net.h)
+VNET_HEADER = struct.Struct("=BBHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, offset
+
+
+def finish_csum(pkt: bytearray, csum_start: int, csum_offset: int, end: int | None = None) -> None:
+    """What the kernel does for NEEDS_CSUM: sum ``pkt[csum_start:end]`` with the
+    check field as stored, write the complement at csum_start + csum_offset."""
+    struct.pack_into("!H", pkt, csum_start + csum_offset,
+                     internet_checksum(bytes(pkt[csum_start:end])))
+
+
+def as_the_kernel_takes(out: bytes, vnet: bool) -> bytearray:
+    """The IP packet of one tun write (no GSO) as the kernel takes it: behind
+    the virtio-net header if *vnet*, its checksum finished if the header asks
+    for that (NEEDS_CSUM)."""
+    if not vnet:
+        return bytearray(out)
+    flags, gso_type, _hdr_len, _gso_size, start, offset = VNET_HEADER.unpack_from(out)
+    assert gso_type == 0, "a GSO write: not one packet"
+    pkt = bytearray(out[VNET_HEADER.size:])
+    if flags & NEEDS_CSUM:
+        finish_csum(pkt, start, offset)
+    return pkt

@@ -123,6 +123,7 @@ class Loop(Generic[Dest]):
         self.rx_batch = RX_BATCH if packets.coalesces else BATCH
         self.rxbuf = bytearray(self.rx_start + (RX_AREA if packets.coalesces else BUFSIZE))
         self.rxview = memoryview(self.rxbuf)
+        self.rx_target = self.rxview[self.rx_start:self.rx_start + BUFSIZE]  # one receive's
         if packets.coalesces:
             self.data_path = f"offload ({packets.describe()}; {conn.describe()})"
         else:
@@ -284,75 +285,78 @@ class Loop(Generic[Dest]):
 
     # -- RX: UDP -> tun --------------------------------------------------------
     def on_udp(self) -> None:
-        """Datagrams become IPv4 packets written to the tun: one at a time, in
-        place, on the simple path or when it is a lone small one; otherwise a
-        whole drain, each run of one peer's segments written coalesced."""
-        view, router, conn = self.rxview, self.router, self.datagrams
-        recv, split, rx_segments = conn.recv, conn.split, router.rx_segments
+        """Datagrams become IP packets written to the tun.  A small one (a
+        request, an ACK) goes on its own, in place, and ends the drain; on the
+        simple path every datagram does; on the offload path a longer one
+        starts a drain whose segments are written coalesced (coalesce)."""
+        recv, target, router = self.datagrams.recv, self.rx_target, self.router
         coalesces = self.packets.coalesces
         now = self.clock()
-        groups: list[tuple[Address, list[memoryview]]] = []
-        off = start = self.rx_start
-        limit = len(view) - BUFSIZE
-        more = True
         for _ in range(self.rx_batch):
-            if off > limit or not more:
-                break
             try:
-                n, peer, seg_size = recv(view[off:off + BUFSIZE])
+                n, peer, seg_size = recv(target)
             except BlockingIOError:
-                break
+                return
             except OSError as exc:  # e.g. ICMP errors queued on the socket
                 if self._udp_read_failed(exc):
+                    return
+                continue
+            if coalesces and (seg_size or n >= SMALL):
+                self.coalesce(n, peer, seg_size, now)
+                return
+            seg = target[:n]
+            if router.rx_segment(seg, peer, now):
+                addrs = router.rx_addresses(peer, now)
+                if addrs is not None:
+                    src, dst, entry = addrs
+                    if self.packets.write_received(self.rxview, self.rx_start, n, src, dst,
+                                                   router.next_ident):
+                        router.received(entry, 1, n)
+            if n < SMALL:
+                return
+
+    def coalesce(self, n: int, peer: Address, seg_size: int, now: float) -> None:
+        """Offload path: the receive of *n* bytes at ``rx_start`` (a GRO buffer
+        if *seg_size*, else one datagram) and what follows it queued, up to a
+        drain's worth, written to the tun with each run of one peer's segments
+        coalesced."""
+        view, router, conn = self.rxview, self.router, self.datagrams
+        recv, split, rx_segments = conn.recv, conn.split, router.rx_segments
+        groups: list[tuple[Address, list[memoryview]]] = []
+        off = self.rx_start
+        limit = len(view) - BUFSIZE
+        in_hand = True  # the first receive is (at rx_start)
+        for _ in range(self.rx_batch):
+            if not in_hand:
+                if off > limit:
                     break
-                continue
-            more = n >= SMALL
-            if not seg_size:  # one datagram
-                if not coalesces or (not more and off == start):
-                    self.deliver(n, peer, now)  # nothing to coalesce (request/response)
+                try:
+                    n, peer, seg_size = recv(view[off:off + BUFSIZE])
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if self._udp_read_failed(exc):
+                        break
                     continue
-                good = rx_segments((view[off:off + n],), peer, now)
-            else:  # a GRO buffer: the UDP edge cuts it into its datagrams
+            in_hand = False
+            if seg_size:  # a GRO buffer: the UDP edge cuts it into its datagrams
                 good = rx_segments(split(view[off:off + n], n, seg_size), peer, now)
-            off += n
-            if not good:
-                continue
-            if groups and groups[-1][0] == peer:
-                groups[-1][1].extend(good)
             else:
-                groups.append((peer, good))
+                good = rx_segments((view[off:off + n],), peer, now)
+            off += n
+            if good:
+                if groups and groups[-1][0] == peer:
+                    groups[-1][1].extend(good)
+                else:
+                    groups.append((peer, good))
+            if n < SMALL and not seg_size:  # a small one ends the drain (see SMALL)
+                break
         write = self.packets.write_segments
         for peer, segments in groups:
             addrs = router.rx_addresses(peer, now, len(segments))
             if addrs is not None:
                 src, dst, entry = addrs
                 router.received(entry, *write(segments, src, dst, router.next_ident))
-
-    def deliver(self, n: int, peer: Address, now: float) -> None:
-        """A datagram of *n* bytes at ``rxbuf[rx_start:]`` (the tun's headers fit
-        in front of it) goes to the tun on its own, its TCP checksum computed
-        here: an IPv4 header is built 20 bytes in front of it, an IPv6 one 40
-        (the peer's family), the tun header in front of that."""
-        router, start = self.router, self.rx_start
-        if not router.rx_segment(self.rxview[start:start + n], peer, now):
-            return
-        addrs = router.rx_addresses(peer, now)
-        if addrs is None:
-            return
-        src, dst, entry = addrs
-        if len(src) == 4:
-            header = start - pk.IPV4_HEADER_LEN
-            pk.build_rx_packet(self.rxbuf, n, router.next_ident(), src, dst, header)
-            written = self.packets.write(self.rxview[header - self.tun_header_len:start + n])
-        else:
-            header = start - pk.IPV6_HEADER_LEN
-            pk.build_rx_packet6(self.rxbuf, n, src, dst, header)
-            written = self.packets.write(self.rxview[:start + n])
-            # the IPv6 header covers where an IPv4 packet's tun header goes
-            self.rxbuf[start - pk.IPV4_HEADER_LEN - self.tun_header_len:
-                       start - pk.IPV4_HEADER_LEN] = bytes(self.tun_header_len)
-        if written:
-            router.received(entry, 1, n)
 
     def on_udp_error(self) -> None:
         """The socket's error queue holds ICMP errors (client: IP_RECVERR)."""

@@ -38,7 +38,9 @@ from .packet import (
     IPV6_HEADER_LEN,
     MAX_UDP_PAYLOAD,
     PSH,
+    TCP_HEADER_MIN,
     ReadBuffer,
+    WriteBuffer,
     address_sums,
     build_rx_packet6,
     flow_label,
@@ -82,6 +84,20 @@ _ACK_PSH_BYTE: Final = bytes([ACK | PSH])
 
 _pack_vnet_into: Final = VNET_HDR.pack_into
 _pack_u16_into: Final = _U16.pack_into
+
+# The virtio-net header of one IPv4 TCP packet whose checksum the kernel finishes
+# (hdr_len, a hint, that of the shortest TCP header: the kernel raises it as needed),
+# and of a packet written complete.
+VNET_CSUM_ONE: Final = VNET_HDR.pack(NEEDS_CSUM, GSO_NONE, IPV4_HEADER_LEN + TCP_HEADER_MIN, 0,
+                                     IPV4_HEADER_LEN, TCP_CSUM_OFFSET)
+VNET_NONE: Final = bytes(VNET_HDR_LEN)
+
+
+def put_pseudo_sum(buf: WriteBuffer, tcp: int, tcp_len: int, src: bytes, dst: bytes) -> None:
+    """Store the TCP pseudo-header sum (*src*, *dst*, *tcp_len*) in the check
+    field of the segment at ``buf[tcp:]``: with NEEDS_CSUM the kernel adds the
+    segment's own sum to it."""
+    _pack_u16_into(buf, tcp + TCP_CSUM_OFFSET, fold(address_sums(src, dst)[1] + tcp_len))
 _unpack_tcp: Final = _TCP_HDR.unpack_from
 
 _seq_structs: dict[int, struct.Struct] = {}
@@ -493,5 +509,5 @@ def coalesce_wire_gro(buf: ReadBuffer, length: int, seg_size: int, ports: bytes,
     write_ipv4_header(out, VNET_HDR_LEN, IPV4_HEADER_LEN + tcp_len, ident, src, dst)
     if mv[last + 1] & PSH:
         out[_TCP_OFF + 13] |= PSH
-    _pack_u16_into(out, _TCP_OFF + TCP_CSUM_OFFSET, fold(address_sums(src, dst)[1] + tcp_len))
+    put_pseudo_sum(out, _TCP_OFF, tcp_len, src, dst)
     return out

@@ -200,39 +200,42 @@ def tcp_checksum_ok(packet: ReadBuffer) -> bool:
     return ones_sum(seg, pseudo) == 0xFFFF
 
 
-def build_rx_packet(buf: bytearray, seg_len: int, ident: int, src: bytes, dst: bytes,
-                    offset: int = 0) -> None:
+def build_rx_packet(buf: WriteBuffer, seg_len: int, ident: int, src: bytes, dst: bytes,
+                    offset: int = 0, partial: bool = False) -> None:
     """Turn a received TCP segment into a full IP packet of the addresses'
     family, header at *offset*.  IPv4 (4-byte addresses): the segment is
     ``buf[offset+20:offset+20+seg_len]``, the header gets *ident* as its ID.
     IPv6 (16-byte addresses): the segment is at ``offset+40``
-    (:func:`build_rx_packet6`; *ident* is not used).  Either way the TCP
-    checksum is made valid for (src, dst)."""
+    (:func:`build_rx_packet6`; *ident* and *partial* are not used).  Either
+    way the TCP checksum is made valid for (src, dst) -- or, IPv4 and
+    *partial*, the check field gets the pseudo-header sum for the kernel to
+    finish (NEEDS_CSUM on a tun with offload).
+
+    The sums are taken modulo 0xFFFF: a ones' complement sum S of words that
+    are not all zero is ``(total - 1) % 0xFFFF + 1`` for their plain total,
+    and the pseudo-header (protocol 6) is never all zero."""
     if len(src) == 16:
         build_rx_packet6(buf, seg_len, src, dst, offset)
         return
-    # fill_tcp_checksum and write_ipv4_header in one body: every received packet
-    # of the simple path comes here, and each Python call costs
+    # one body for both headers: every received packet comes here, and each
+    # Python call costs
     sums = _address_sums.get((src, dst)) or address_sums(src, dst)
     tcp = offset + IPV4_HEADER_LEN
-    buf[tcp + 16] = buf[tcp + 17] = 0
-    value = int.from_bytes(buf[tcp:tcp + seg_len], "big")
-    if seg_len & 1:
-        value <<= 8
-    total = value % 0xFFFF
-    if total == 0 and value:
-        total = 0xFFFF
-    total += sums[1] + seg_len
-    total = (total & 0xFFFF) + (total >> 16)
-    total = (total & 0xFFFF) + (total >> 16)
-    csum = ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF
+    total = sums[1] + seg_len
+    if partial:
+        csum = (total - 1) % 0xFFFF + 1  # the sum itself, not complemented
+    else:
+        buf[tcp + 16] = buf[tcp + 17] = 0
+        value = int.from_bytes(buf[tcp:tcp + seg_len], "big")
+        if seg_len & 1:
+            value <<= 8
+        csum = 0xFFFE - (total + value % 0xFFFF - 1) % 0xFFFF  # ~S & 0xFFFF
     buf[tcp + 16] = csum >> 8
     buf[tcp + 17] = csum & 0xFF
     ident &= 0xFFFF
-    total = sums[0] + IPV4_HEADER_LEN + seg_len + ident
-    total = (total & 0xFFFF) + (total >> 16)
     _IP_HDR.pack_into(buf, offset, 0x45, 0, IPV4_HEADER_LEN + seg_len, ident, 0x4000,
-                      DEFAULT_TTL, IPPROTO_TCP, ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF,
+                      DEFAULT_TTL, IPPROTO_TCP,
+                      0xFFFE - (sums[0] + IPV4_HEADER_LEN + seg_len + ident - 1) % 0xFFFF,
                       src, dst)
 
 

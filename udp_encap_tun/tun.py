@@ -403,6 +403,10 @@ class Packets:
 
     header_len = 0  # bytes in front of each packet read from or written to the tun
     coalesces = False  # whether write_segments is worth calling (else: one write each)
+    # write_received: the tun headers of one IPv4 packet (kernel_csum: its TCP checksum
+    # left for the kernel to finish) and of an IPv6 one (written complete)
+    kernel_csum = False
+    ipv4_tun_header = plain_tun_header = b""
 
     def __init__(self, tun: Tun, counters: Counter[str], tiu_wire: bool = False):
         self.tun = tun
@@ -469,6 +473,25 @@ class Packets:
             return False
         return True
 
+    def write_received(self, view: memoryview, start: int, n: int, src: bytes, dst: bytes,
+                       next_ident: Callable[[], int]) -> bool:
+        """Write the received TCP segment ``view[start:start + n]`` as one IP
+        packet from *src* to *dst* (4 or 16 bytes), its headers built in place
+        in front of it (*start* leaves room for an IPv6 header and the tun
+        header) and its TCP checksum made valid (the kernel finishes it where
+        ``ipv4_tun_header`` asks).  False if the write failed."""
+        if len(src) == 4:
+            header = start - pk.IPV4_HEADER_LEN
+            pk.build_rx_packet(view, n, next_ident(), src, dst, header, self.kernel_csum)
+            tun_header = self.ipv4_tun_header
+        else:
+            header = start - pk.IPV6_HEADER_LEN
+            pk.build_rx_packet6(view, n, src, dst, header)
+            tun_header = self.plain_tun_header
+        begin = header - self.header_len
+        view[begin:header] = tun_header
+        return self.write(view[begin:start + n])
+
     def write_segments(self, segments: Sequence[Buffer], src: bytes, dst: bytes,
                        next_ident: Callable[[], int]) -> tuple[int, int]:
         """Write received TCP segments of one peer, in arrival order, as IP
@@ -505,6 +528,9 @@ class OffloadPackets(Packets):
 
     header_len = ol.VNET_HDR_LEN
     coalesces = True
+    # one IPv4 packet goes as offload.coalesce writes one alone: NEEDS_CSUM
+    kernel_csum = True
+    ipv4_tun_header, plain_tun_header = ol.VNET_CSUM_ONE, ol.VNET_NONE
 
     def __init__(self, tun: Tun, counters: Counter[str], tiu_wire: bool = False):
         super().__init__(tun, counters, tiu_wire)
