@@ -5,6 +5,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import re
 import select
 import signal
 import socket
@@ -14,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 
 from testkit import as_the_kernel_takes, ip_packet, tcp_segment
-from udp_encap_tun import conn, offload, packet
+from udp_encap_tun import build, conn, offload, packet
 from udp_encap_tun.conn import probe_udp_offload
 from udp_encap_tun.core import Router
 from udp_encap_tun.errors import OperatorError
@@ -287,6 +288,9 @@ def test_sigterm_during_start_up_is_not_lost(sockets, tun_pair, caplog):
     _run_signal_tunnel(sockets, tun_pair, service, caplog)
     assert not service.still_running_after_sigterm
     assert "SIGTERM: stopping" in caplog.text
+    # the ready line says which build runs
+    assert re.search(r"ready: client mode, tun tun-test, .*; " + re.escape(build.describe()),
+                     caplog.text)
 
 
 @pytest.mark.parametrize("storm", [0, 70_000])

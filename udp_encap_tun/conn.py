@@ -233,7 +233,8 @@ class Datagrams:
     most CACHED_PEERS each): a dictionary lookup per datagram.  An IPv4
     socket converts nothing."""
 
-    gso = gro = False
+    gso = False
+    gro = False
 
     def __init__(self, sock: socket.socket, retry_pending: bool = False):
         self.sock = sock

@@ -22,9 +22,10 @@ from . import auth, packet as pk
 from .packet import SYN, classify_rx, classify_tx
 from .store import AddressPool, Entry, Peer, PeerStore
 
-if TYPE_CHECKING:  # aliases only: the I/O edge is not imported here
+if TYPE_CHECKING:  # annotations only: the I/O edge and tiumode are not imported here
     from .conn import Batches
     from .packet import ReadBuffer, WriteBuffer
+    from .tiumode import Flow
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,66 @@ class ServerState:
         self.answerable: float | None = None
 
 
-class Router:
+class Accounting:
+    """The counters and rate-limited warnings of both routers (Router, and
+    tiumode.TiuRouter of the TCP-in-UDP wire): one class both inherit, so that
+    either build (pure or compiled) runs one body."""
+
+    counters: Counters
+    warnings: Warnings
+
+    def warn(self, kind: str, peer: Hashable, now: float, message: str, *args: object) -> bool:
+        """Log a WARNING about *peer* (None: about no peer in particular) unless
+        one of this kind about it was logged lately (see Warnings)."""
+        if not self.warnings.allow(kind, peer, now):
+            return False
+        log.warning(message, *args)
+        return True
+
+    def count_rarely_logged(self, name: str, message: str, *args: object, now: float,
+                            peer: Hashable = None, amount: int = 1) -> None:
+        """Count an event and warn about it, rate-limited per counter and peer."""
+        count = self.counters[name] = self.counters[name] + amount
+        self.warn(name, peer, now, message + " (%d so far)", *args, count)
+
+    def send_failed(self, dest: Peer, err: int, size: int, now: float) -> str:
+        """The kernel refused a datagram of *size* bytes to *dest*: the counter
+        suffix it is dropped under (tx_drop_...)."""
+        if err in (errno.EAGAIN, errno.ENOBUFS):
+            self.counters["tx_drop_send_buffer_full"] += 1
+            return "send_buffer_full"
+        if err == errno.EMSGSIZE:
+            self.count_rarely_logged(
+                "tx_drop_" + TX_MESSAGE_TOO_LONG, "a datagram of %d bytes to %s:%d is larger than "
+                "the path MTU (EMSGSIZE): dropped; the tun MTU (--mtu) must not exceed the path "
+                "MTU minus 8", size, *dest, now=now, peer=dest)
+            return TX_MESSAGE_TOO_LONG
+        if err == errno.ENODEV:  # logged once by the loop when the link went away
+            self.counters["tx_drop_" + TX_NO_INTERFACE] += 1
+            return TX_NO_INTERFACE
+        self.counters["tx_drop_send_error"] += 1
+        return "send_error"
+
+    def sent_data(self, entry: Entry | Flow | None, packets: int, nbytes: int) -> None:
+        """Data went out (to the peer of *entry*, server; a flow of TiuRouter)."""
+        counters = self.counters
+        counters["tx_packets"] += packets
+        counters["tx_bytes"] += nbytes
+        if entry is not None:
+            entry.tx_packets += packets
+            entry.tx_bytes += nbytes
+
+    def received(self, entry: Entry | Flow | None, packets: int, nbytes: int) -> None:
+        """Data from the peer of *entry* (server; a flow of TiuRouter) went into the tun."""
+        counters = self.counters
+        counters["rx_packets"] += packets
+        counters["rx_bytes"] += nbytes
+        if entry is not None:
+            entry.rx_packets += packets
+            entry.rx_bytes += nbytes
+
+
+class Router(Accounting):
     """Client mode when *endpoint_port* is set, server mode otherwise.
 
     Dual-stack: the inner family follows the datagram's.  A peer whose host is
@@ -171,38 +231,6 @@ class Router:
         self.holds = self.client_auth is not None  # data may have to wait for authentication
         self.server_auth = auth.ServerAuth(keys) if keys and not self.client else None
         self.warnings = Warnings()
-
-    def warn(self, kind: str, peer: Hashable, now: float, message: str, *args: object) -> bool:
-        """Log a WARNING about *peer* (None: about no peer in particular) unless
-        one of this kind about it was logged lately (see Warnings)."""
-        if not self.warnings.allow(kind, peer, now):
-            return False
-        log.warning(message, *args)
-        return True
-
-    def count_rarely_logged(self, name: str, message: str, *args: object, now: float,
-                            peer: Hashable = None, amount: int = 1) -> None:
-        """Count an event and warn about it, rate-limited per counter and peer."""
-        count = self.counters[name] = self.counters[name] + amount
-        self.warn(name, peer, now, message + " (%d so far)", *args, count)
-
-    def send_failed(self, dest: Peer, err: int, size: int, now: float) -> str:
-        """The kernel refused a datagram of *size* bytes to *dest*: the counter
-        suffix it is dropped under (tx_drop_...)."""
-        if err in (errno.EAGAIN, errno.ENOBUFS):
-            self.counters["tx_drop_send_buffer_full"] += 1
-            return "send_buffer_full"
-        if err == errno.EMSGSIZE:
-            self.count_rarely_logged(
-                "tx_drop_" + TX_MESSAGE_TOO_LONG, "a datagram of %d bytes to %s:%d is larger than "
-                "the path MTU (EMSGSIZE): dropped; the tun MTU (--mtu) must not exceed the path "
-                "MTU minus 8", size, *dest, now=now, peer=dest)
-            return TX_MESSAGE_TOO_LONG
-        if err == errno.ENODEV:  # logged once by the loop when the link went away
-            self.counters["tx_drop_" + TX_NO_INTERFACE] += 1
-            return TX_NO_INTERFACE
-        self.counters["tx_drop_send_error"] += 1
-        return "send_error"
 
     # -- configuration -------------------------------------------------
     def set_tun_address(self, address: bytes | None,
@@ -303,15 +331,6 @@ class Router:
         self.hold(dest, batches, now)
         return True
 
-    def sent_data(self, entry: Entry | None, packets: int, nbytes: int) -> None:
-        """Data went out (to the peer of *entry*, server)."""
-        counters = self.counters
-        counters["tx_packets"] += packets
-        counters["tx_bytes"] += nbytes
-        if entry is not None:
-            entry.tx_packets += packets
-            entry.tx_bytes += nbytes
-
     def tx_destination(self, dst: bytes, now: float) -> tuple[Peer, Entry | None] | None:
         """(UDP (host, port), store entry or None) for a packet to *dst* (4
         bytes: IPv4, 16: IPv6), or None (counted)."""
@@ -381,15 +400,6 @@ class Router:
             self.control(seg, peer, now)
         else:
             self.counters["rx_drop_" + reason] += 1
-
-    def received(self, entry: Entry | None, packets: int, nbytes: int) -> None:
-        """Data from the peer of *entry* (server) went into the tun."""
-        counters = self.counters
-        counters["rx_packets"] += packets
-        counters["rx_bytes"] += nbytes
-        if entry is not None:
-            entry.rx_packets += packets
-            entry.rx_bytes += nbytes
 
     def rx_addresses(self, peer: Peer, now: float,
                      count: int = 1) -> tuple[bytes, bytes, Entry | None] | None:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final, Generic, Protocol, TypeVar
 
-from . import packet as pk
+from . import build, packet as pk
 from .conn import PENDING_ICMP_ERRORS, Address, Batches, Datagrams, IcmpError
 from .errors import LinkFault
 from .faults import Changes, Links, ReadErrors
@@ -159,8 +159,8 @@ class Loop(Generic[Dest]):
         clock, poll, router = self.clock, poller.poll, self.router
         udp_fd, epollerr = self.conn.fd, select.EPOLLERR
         next_housekeeping = clock() + HOUSEKEEPING
-        log.info("ready: %s mode, tun %s, %s", "client" if router.client else "server",
-                 self.tun.name, self.conn.describe_udp())
+        log.info("ready: %s mode, tun %s, %s; %s", "client" if router.client else "server",
+                 self.tun.name, self.conn.describe_udp(), build.describe())
         for service in self.services:
             service.ready(self)
         now = clock()

@@ -27,12 +27,12 @@ import ipaddress
 import logging
 import struct
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, TypeAlias
 
 from . import auth
-from .core import Counters, Router, Warnings
+from .core import Accounting, Counters, Warnings
 from .packet import ReadBuffer, classify_tx
 
 if TYPE_CHECKING:
@@ -119,7 +119,7 @@ def flow_key(local_ip: bytes, remote_ip: bytes, local_port: int, remote_port: in
     return local_ip + remote_ip + _PORTS.pack(local_port, remote_port)
 
 
-class TiuRouter:
+class TiuRouter(Accounting):
     """The TCP-in-UDP mode's decisions and counters; the loop's ``router``."""
 
     mss = None  # the datagram is exactly as long as the segment: nothing to clamp
@@ -156,14 +156,6 @@ class TiuRouter:
 
     def tick(self, now: float) -> None:
         pass
-
-    # the default mode's rate-limited warnings, send-error and data accounting: Router's own
-    # functions, which use only counters and warnings (typed as callables: their self is a Router)
-    warn: Callable[..., bool] = Router.warn
-    count_rarely_logged: Callable[..., None] = Router.count_rarely_logged
-    send_failed: Callable[..., str] = Router.send_failed
-    sent_data: Callable[..., None] = Router.sent_data
-    received: Callable[..., None] = Router.received
 
     def tx(self, packet: ReadBuffer, now: float) -> tuple[Flow, Flow] | None:
         """A packet read from the tun: (its flow, the flow to count on), or None

@@ -300,7 +300,7 @@ class Tun:
             return
         ours = {(spec["dst"], spec["dst_len"]) for kind, spec in self.added if kind == "route"}
         theirs = {key: r for key, r in self._routes().items() if key not in ours}
-        for kind, spec in reversed(self.added):
+        for kind, spec in self.added[::-1]:  # not reversed(): mypyc 2.4 fails on it
             try:
                 getattr(self.ipr, kind)("del", **spec)
             except Exception as exc:  # removed by hand meanwhile

@@ -13,6 +13,7 @@ import socket
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, cast
 
+from .. import build
 from ..service import FlowsTunnelView, RouterView, TunnelView, UdpRouterView
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ def describe_head(tunnel: TunnelView, now: float, wall: float, started: float | 
         "tun_address6": tun_address6,
         "mss_clamp": router.mss,
         "data_path": tunnel.data_path,
+        "build": build.describe(),
         "offload": {"tun": bool(getattr(tunnel, "tun_header_len", 0)),
                     "gso": bool(getattr(tunnel, "gso", False)),
                     "gro": bool(getattr(tunnel, "gro", False))},

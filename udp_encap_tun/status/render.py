@@ -75,6 +75,7 @@ def render_text(doc: Document) -> str:
     tun += f", MSS clamp {doc['mss_clamp']}" if doc.get("mss_clamp") else ", MSS clamp off"
     facts.append(("tun", tun))
     facts.append(("data path", doc.get("data_path", "?")))
+    facts.append(("build", doc.get("build", "?")))
     if doc.get("wire") == "tcp-in-udp":
         facts.append(("flows", f"{doc['flow_count']} (at most {doc['max_flows']}; forgotten "
                                f"after {doc['flow_timeout']:g}s without a packet)"))
@@ -203,6 +204,8 @@ def render_prometheus(doc: Document, per_peer: bool = False) -> str:
            "tun_address": doc.get("tun_address") or "",
            "tun_address6": doc.get("tun_address6") or "",
            "data_path": "offload" if offload.get("tun") else "simple",
+           # the build in one word: compiled, pure or mixed (build.describe()'s first)
+           "build": (doc.get("build") or "").split(" ")[0].rstrip(":"),
            "gso": str(bool(offload.get("gso"))).lower(),
            "gro": str(bool(offload.get("gro"))).lower()}, 1)
     if doc.get("bind_interface_present") is not None:

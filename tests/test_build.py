@@ -1,0 +1,98 @@
+"""Which build runs (udp_encap_tun/build.py): read from the imported modules' loaders."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import sysconfig
+from importlib.machinery import ExtensionFileLoader, SourceFileLoader
+from types import SimpleNamespace
+
+import pytest
+
+from udp_encap_tun import build, status
+from udp_encap_tun.status import render
+
+SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
+
+
+def _fake_modules(monkeypatch, tmp_path, compiled, stale=()):
+    """MODULES as if *compiled* were extension modules (files in *tmp_path*),
+    the rest source; the .py of each of *stale* newer than its extension."""
+    modules = {}
+    for name in build.MODULES:
+        source = tmp_path / f"{name}.py"
+        source.write_text("")
+        if name in compiled:
+            extension = tmp_path / f"{name}{SUFFIX}"
+            extension.write_bytes(b"")
+            os.utime(extension, (1000, 1000))
+            os.utime(source, (2000, 2000) if name in stale else (500, 500))
+            loader = ExtensionFileLoader(name, str(extension))
+            modules[f"udp_encap_tun.{name}"] = SimpleNamespace(__loader__=loader,
+                                                               __file__=str(extension))
+        else:
+            loader = SourceFileLoader(name, str(source))
+            modules[f"udp_encap_tun.{name}"] = SimpleNamespace(__loader__=loader,
+                                                               __file__=str(source))
+    real = importlib.import_module
+    monkeypatch.setattr(importlib, "import_module", lambda name: modules.get(name) or real(name))
+
+
+def test_the_build_is_what_the_modules_are():
+    loaders = [type(importlib.import_module(f"udp_encap_tun.{m}").__loader__)
+               for m in build.MODULES]
+    if all(loader is ExtensionFileLoader for loader in loaders):
+        assert build.describe().startswith(build.COMPILED)
+    else:  # the suite runs on a whole build, never a mixed one
+        assert ExtensionFileLoader not in loaders
+        assert build.describe() == build.PURE
+
+
+def test_the_build_is_the_one_the_test_script_built():
+    """scripts/test runs the suite once per build and says which it expects."""
+    expected = os.environ.get("UDP_ENCAP_TUN_EXPECT_BUILD")
+    if not expected:
+        pytest.skip("not run by scripts/test (UDP_ENCAP_TUN_EXPECT_BUILD unset)")
+    assert build.describe() == {"compiled": build.COMPILED, "pure": build.PURE}[expected]
+
+
+def test_compiled_pure_and_mixed_builds_are_told_apart(monkeypatch, tmp_path):
+    _fake_modules(monkeypatch, tmp_path, compiled=build.MODULES)
+    assert build.compiled_modules() == list(build.MODULES)
+    assert build.describe() == build.COMPILED and build.stale() == []
+    _fake_modules(monkeypatch, tmp_path, compiled=())
+    assert build.describe() == build.PURE
+    _fake_modules(monkeypatch, tmp_path, compiled=("packet", "core"))
+    assert build.describe() == (
+        "mixed: compiled packet, core; pure "
+        + ", ".join(m for m in build.MODULES if m not in ("packet", "core")))
+
+
+def test_a_py_changed_after_the_build_is_named_stale(monkeypatch, tmp_path):
+    _fake_modules(monkeypatch, tmp_path, compiled=build.MODULES, stale=("core",))
+    assert build.stale() == ["core"]
+    assert build.describe() == build.COMPILED + "; STALE: core.py changed since the build"
+    # a rebuild may leave the shims as they were: the library (the code) is newer than the .py
+    library = tmp_path / f"{build.LIBRARY}{SUFFIX}"
+    library.write_bytes(b"")
+    os.utime(library, (3000, 3000))
+    assert build.stale() == [] and build.describe() == build.COMPILED
+
+
+def test_status_shows_the_build_in_every_format(monkeypatch, tmp_path):
+    from test_status import make_tunnel, parse_exposition
+    t = make_tunnel()
+    try:
+        for compiled, word in ((build.MODULES, "compiled"), ((), "pure")):
+            _fake_modules(monkeypatch, tmp_path, compiled=compiled)
+            doc = status.describe(t, t.clock(), 1_700_000_100.0, 1_700_000_000.0)
+            assert doc["build"] == build.describe()
+            text = status.render_text(doc)
+            assert re.search(rf"^  build: +{re.escape(doc['build'])}$", text, re.MULTILINE)
+            samples = parse_exposition(render.render_prometheus(doc))
+            [info] = [labels for metric, labels in samples if metric == "udp_encap_tun_info"]
+            assert ("build", word) in info
+    finally:
+        t.sock.close()
