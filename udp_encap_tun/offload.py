@@ -88,9 +88,9 @@ _pack_u16_into: Final = _U16.pack_into
 # The virtio-net header of one IPv4 TCP packet whose checksum the kernel finishes
 # (hdr_len, a hint, that of the shortest TCP header: the kernel raises it as needed),
 # and of a packet written complete.
-VNET_CSUM_ONE: Final = VNET_HDR.pack(NEEDS_CSUM, GSO_NONE, IPV4_HEADER_LEN + TCP_HEADER_MIN, 0,
+VNET_CSUM_ONE: Final[bytes] = VNET_HDR.pack(NEEDS_CSUM, GSO_NONE, IPV4_HEADER_LEN + TCP_HEADER_MIN, 0,
                                      IPV4_HEADER_LEN, TCP_CSUM_OFFSET)
-VNET_NONE: Final = bytes(VNET_HDR_LEN)
+VNET_NONE: Final[bytes] = bytes(VNET_HDR_LEN)
 
 
 def put_pseudo_sum(buf: WriteBuffer, tcp: int, tcp_len: int, src: bytes, dst: bytes) -> None:
