@@ -88,8 +88,9 @@ _pack_u16_into: Final = _U16.pack_into
 # The virtio-net header of one IPv4 TCP packet whose checksum the kernel finishes
 # (hdr_len, a hint, that of the shortest TCP header: the kernel raises it as needed),
 # and of a packet written complete.
-VNET_CSUM_ONE: Final[bytes] = VNET_HDR.pack(NEEDS_CSUM, GSO_NONE, IPV4_HEADER_LEN + TCP_HEADER_MIN, 0,
-                                     IPV4_HEADER_LEN, TCP_CSUM_OFFSET)
+VNET_CSUM_ONE: Final[bytes] = VNET_HDR.pack(NEEDS_CSUM, GSO_NONE,
+                                            IPV4_HEADER_LEN + TCP_HEADER_MIN, 0,
+                                            IPV4_HEADER_LEN, TCP_CSUM_OFFSET)
 VNET_NONE: Final[bytes] = bytes(VNET_HDR_LEN)
 
 
@@ -100,7 +101,7 @@ def put_pseudo_sum(buf: WriteBuffer, tcp: int, tcp_len: int, src: bytes, dst: by
     _pack_u16_into(buf, tcp + TCP_CSUM_OFFSET, fold(address_sums(src, dst)[1] + tcp_len))
 _unpack_tcp: Final = _TCP_HDR.unpack_from
 
-_seq_structs: dict[int, struct.Struct] = {}
+_seq_structs: Final[dict[int, struct.Struct]] = {}
 
 
 def _seq_struct(n: int) -> struct.Struct:
@@ -240,7 +241,7 @@ def split_gro(buf: ReadBuffer, length: int, seg_size: int) -> list[memoryview]:
     return [mv[o:o + seg_size] for o in range(0, length, seg_size)]
 
 
-_run_structs: dict[int, struct.Struct] = {}
+_run_structs: Final[dict[int, struct.Struct]] = {}
 
 
 def _run_struct(doff: int) -> struct.Struct:
@@ -354,9 +355,10 @@ def coalesce(segments: Sequence[ReadBuffer], src: bytes, dst: bytes,
     cur: _Run | None = None
     c_full = -1  # doff + gso of cur; -1 disables the fast path
     c_ports = c_next = c_len = c_limit = c_gso = 0
-    c_mid: bytes | None = None
-    c_tail: bytes | None = None
-    c_unpack: Callable[[ReadBuffer, int], tuple[Any, ...]] = _fast_path_off
+    c_mid = c_tail = b""
+    # typed as what _run_struct's unpack gives: compiled, the comparisons below are then
+    # native (on an untyped tuple they are generic calls, slower than the interpreter)
+    c_unpack: Callable[[ReadBuffer, int], tuple[int, int, bytes, bytes]] = _fast_path_off
     c_append: Callable[[ReadBuffer], None] = _fast_path_off
 
     for seg in segments:

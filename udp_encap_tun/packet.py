@@ -81,7 +81,7 @@ def fold(total: int) -> int:
 
 # the fixed 16-bit words of our IPv4 headers: version/IHL, DF, TTL/protocol
 _IP_FIXED_SUM: Final = 0x4500 + 0x4000 + (DEFAULT_TTL << 8 | IPPROTO_TCP)
-_address_sums: dict[tuple[bytes, bytes], tuple[int, int]] = {}
+_address_sums: Final[dict[tuple[bytes, bytes], tuple[int, int]]] = {}
 
 
 def address_sums(src: bytes, dst: bytes) -> tuple[int, int]:
@@ -283,15 +283,16 @@ def clamp_mss(segment: WriteBuffer, mss_max: int) -> bool:
 # the addresses, the protocol and the segment length (IPv6 widens the last two
 # to 32 bits, which leaves a ones' sum of values below 65536 unchanged).
 
-IPV6_HEADER_LEN = 40
-IPV6_FRAGMENT_HEADER = 44
+IPV6_HEADER_LEN: Final = 40
+IPV6_FRAGMENT_HEADER: Final = 44
 # next header values that are IPv6 extension headers (RFC 7045's list, fragment aside):
 # hop-by-hop, routing, destination options, AH, mobility, HIP, shim6, experiments
-IPV6_EXTENSION_HEADERS = frozenset({0, 43, 60, 51, 135, 139, 140, 253, 254})
-IPV6_HOP_LIMIT = 64
+IPV6_EXTENSION_HEADERS: Final = frozenset({0, 43, 60, 51, 135, 139, 140, 253, 254})
+IPV6_HOP_LIMIT: Final = 64
 
-_IP6_HDR = struct.Struct("!IHBB16s16s")  # version/class/flow, payload length, next, hop limit
-_flow_seeds: dict[tuple[bytes, bytes], int] = {}
+# version/class/flow, payload length, next header, hop limit, addresses
+_IP6_HDR: Final = struct.Struct("!IHBB16s16s")
+_flow_seeds: Final[dict[tuple[bytes, bytes], int]] = {}
 
 
 def header_len(packet: bytes | bytearray | memoryview) -> int:
