@@ -41,7 +41,11 @@ COUNTERS_RE = re.compile(r"\bINFO counters (\{.*\})\s*$")
 # "new peer 192.0.2.1:5000 -> 10.9.0.131", "new peer 2001:db8::1:5000 -> fd00:9::83"
 # (and "[2001:db8::1]:5000" too): the port is what follows the last colon
 NEW_PEER_RE = re.compile(r"\bnew peer \[?([0-9a-fA-F.:]+?)\]?:(\d+) -> ([0-9a-fA-F.:]+)")
-READY_RE = re.compile(r"\bready: .*UDP port (\d+)")
+READY_RE = re.compile(r"\bready: .*UDP port (\d+).*")
+# scripts/test runs the suite once per build (see README, "Compiled build"): the tool's ready
+# line must name the build it asked for
+EXPECTED_BUILD = {"compiled": "compiled (mypyc)", "pure": "pure Python"}.get(
+    os.environ.get("UDP_ENCAP_TUN_EXPECT_BUILD", ""))
 
 _registered_namespaces: set[str] = set()
 
@@ -265,6 +269,8 @@ class ToolProcess:
         def ready():
             m = READY_RE.search(self.log())
             if m:
+                assert EXPECTED_BUILD is None or m.group(0).endswith("; " + EXPECTED_BUILD), \
+                    f"not the {EXPECTED_BUILD} build: {m.group(0)}"
                 return m
             if not self.alive():
                 raise AssertionError(f"udp-encap-tun exited with {self.proc.returncode} before "
