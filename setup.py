@@ -59,4 +59,5 @@ def _extensions() -> list[object]:
     return mypycify(_modules(), group_name="udp_encap_tun._compiled")
 
 
-setup(ext_modules=_extensions())
+if __name__ == "__main__":  # as pip's build backend and `python setup.py` run it (tests import it)
+    setup(ext_modules=_extensions())

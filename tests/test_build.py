@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import re
+import shutil
 import sysconfig
 from importlib.machinery import ExtensionFileLoader, SourceFileLoader
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +18,17 @@ from udp_encap_tun import build, status
 from udp_encap_tun.status import render
 
 SUFFIX = sysconfig.get_config_var("EXT_SUFFIX")
+SETUP = Path(__file__).resolve().parent.parent / "setup.py"
+
+
+@pytest.fixture
+def setup_py(monkeypatch):
+    """setup.py as a module (setup() itself runs only as __main__)."""
+    monkeypatch.delenv("UDP_ENCAP_TUN_PURE", raising=False)
+    spec = importlib.util.spec_from_file_location("uet_setup", SETUP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _fake_modules(monkeypatch, tmp_path, compiled, stale=()):
@@ -96,3 +110,28 @@ def test_status_shows_the_build_in_every_format(monkeypatch, tmp_path):
             assert ("build", word) in info
     finally:
         t.sock.close()
+
+
+def test_setup_compiles_the_modules_build_names(setup_py):
+    assert setup_py._modules() == [f"udp_encap_tun/{m}.py" for m in build.MODULES]
+
+
+def test_setup_builds_pure_python_when_asked_or_without_a_compiler(setup_py, monkeypatch):
+    monkeypatch.setenv("UDP_ENCAP_TUN_PURE", "1")
+    assert setup_py._why_pure() == "UDP_ENCAP_TUN_PURE is set"
+    assert setup_py._extensions() == []
+    monkeypatch.setenv("UDP_ENCAP_TUN_PURE", "0")  # 0 is not set
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    why = setup_py._why_pure()
+    assert why in ("no working C compiler (CompileError)", "mypyc is not installed")
+    assert setup_py._extensions() == []
+
+
+def test_setup_compiles_where_mypyc_and_a_compiler_are(setup_py):
+    pytest.importorskip("mypyc.build")
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    headers = Path(sysconfig.get_paths()["include"], "Python.h")
+    if not shutil.which(compiler) or not headers.exists():
+        pytest.skip(f"no {compiler} or no {headers} here")
+    # the probe (a C file including Python.h) compiles: the build is the compiled one
+    assert setup_py._why_pure() is None
