@@ -19,7 +19,7 @@ from udp_encap_tun import build, conn, offload, packet
 from udp_encap_tun.conn import probe_udp_offload
 from udp_encap_tun.core import Router
 from udp_encap_tun.errors import OperatorError
-from udp_encap_tun.loop import SMALL, default_wire
+from udp_encap_tun.loop import SMALL, Pending, default_wire
 
 
 @pytest.fixture
@@ -174,6 +174,37 @@ def test_a_small_datagram_ends_a_drain(sockets, tun_pair, kind):
     assert not select.select([tun_pair[1]], [], [], 0.05)[0]  # nothing more written
 
 
+@pytest.mark.parametrize("kind", ["simple", "offload"])
+def test_a_busy_loop_drains_small_datagrams_queued_together(sockets, tun_pair, kind):
+    """When the last epoll_wait found more than one fd ready (traffic both ways:
+    bulk transfer's ACKs), a small datagram ends the drain only when nothing
+    else is queued."""
+    tunnel = rx_tunnel(kind, sockets, tun_pair)
+    tx, rx = sockets
+    for i in range(3):  # not in sequence: nothing to coalesce
+        tx.sendto(data_segment(i * 100, b"?"), rx.getsockname())
+    time.sleep(0.05)
+    tunnel.busy = True
+    tunnel.on_udp()
+    outs = [as_the_kernel_takes(o, kind == "offload") for o in written(tun_pair[1], 3)]
+    assert [o[24:28] for o in outs] == [(i * 100).to_bytes(4, "big") for i in range(3)]
+    assert tunnel.counters["rx_packets"] == 3
+    assert not tunnel.udp_pending()
+
+
+def test_pending_tells_whether_something_is_queued(tun_pair):
+    ours, theirs = tun_pair
+    pending = Pending(ours.fileno())
+    try:
+        assert not pending()
+        theirs.send(b"x")
+        assert pending()
+        ours.recv(10)
+        assert not pending()
+    finally:
+        pending.close()
+
+
 def test_a_large_datagram_does_not_end_a_drain(sockets, tun_pair):
     tunnel = rx_tunnel("simple", sockets, tun_pair)
     tx, rx = sockets
@@ -201,8 +232,10 @@ def test_offload_drain_coalesces_full_segments(sockets, tun_pair):
     assert tunnel.counters["rx_packets"] == 3
 
 
-@pytest.mark.parametrize("size", [1, SMALL])
-def test_tx_reads_one_small_packet_per_call_and_drains_large_ones(sockets, tun_pair, size):
+@pytest.mark.parametrize("size,busy", [(1, False), (SMALL, False), (1, True)])
+def test_tx_reads_one_small_packet_per_call_unless_busy(sockets, tun_pair, size, busy):
+    """A small packet ends the drain unless the loop is busy (then it goes on
+    while more is queued); large ones never do."""
     tx, rx = sockets
     ours, theirs = tun_pair
     router = Router()
@@ -214,6 +247,7 @@ def test_tx_reads_one_small_packet_per_call_and_drains_large_ones(sockets, tun_p
         packet.write_ipv4_header(pkt, 0, len(pkt), i, bytes([10, 9, 0, 1]), entry.address)
         theirs.send(pkt)
     rx.setblocking(False)
+    tunnel.busy = busy
     calls = 0
     got = []
     while len(got) < 3 and calls < 5:
@@ -223,7 +257,8 @@ def test_tx_reads_one_small_packet_per_call_and_drains_large_ones(sockets, tun_p
             while True:
                 got.append(rx.recv(65535))
     assert [d[4:8] for d in got] == [i.to_bytes(4, "big") for i in range(3)]
-    assert calls == (1 if size >= SMALL else 3)
+    assert calls == (1 if size >= SMALL or busy else 3)
+    assert not tunnel.tun_pending()
 
 
 class _Storm:

@@ -11,6 +11,7 @@ The simple and the offload path are the same loop given other edges."""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -35,11 +36,13 @@ BATCH: Final = 64  # packets read from the tun before looking at the other fds a
 RX_BATCH: Final = 256  # receives per drain of the UDP side when the tun edge coalesces
 RX_AREA: Final = 4 << 20  # the RX buffer then: room for a whole drain
 # After a read shorter than this (an ACK, a small request) the drain of an fd
-# ends: the next epoll_wait says whether more is queued.  A one-packet wake-up
-# (request/response) then costs no system call beyond its read and its send;
-# a queue of small packets costs one epoll_wait each, as a check for "more
-# queued" would.  After a longer read (bulk: super-packets, GRO buffers) the
-# drain reads on.
+# goes on only while the loop is busy (its last epoll_wait found more than one
+# fd ready: traffic both ways, as in bulk transfer, where the ACKs queued on
+# one fd must not wait behind a drain of the other) and a zero-timeout epoll
+# says more is queued (see Pending).  Otherwise it ends, and the next
+# epoll_wait says whether more is queued: a one-packet wake-up (request/
+# response: one fd ready) then costs no system call beyond its read and its
+# send.  After a longer read (bulk: super-packets, GRO buffers) the drain reads on.
 SMALL: Final = 512
 KEEPALIVE: Final = ((b"", 0),)  # an empty datagram
 
@@ -69,6 +72,25 @@ class UdpEdge(Protocol[Dest]):
     def rebind(self, links: Links) -> None: ...
     def send(self, batches: Batches, dest: Dest) -> tuple[int, int]: ...
     def icmp_errors(self) -> list[IcmpError]: ...
+
+
+class Pending:
+    """Whether an fd has something queued, without reading it: a zero-timeout
+    epoll_wait on an epoll that watches only that fd.  That costs about a
+    third of a read that fails with EAGAIN, whose exception Python builds with
+    a decoded strerror message."""
+
+    def __init__(self, fd: int):
+        self._epoll = select.epoll()
+        self._epoll.register(fd, select.EPOLLIN)
+        # what the data path calls: the bound C method itself (a non-empty list: queued)
+        self.now = functools.partial(self._epoll.poll, 0)
+
+    def __call__(self) -> bool:
+        return bool(self.now())
+
+    def close(self) -> None:
+        self._epoll.close()
 
 
 class Loop(Generic[Dest]):
@@ -106,6 +128,9 @@ class Loop(Generic[Dest]):
         self.poller: select.epoll | None = None
         self.callbacks: dict[int, Callable[[], None]] = {}
         self.tun_errors, self.udp_errors = ReadErrors(), ReadErrors()
+        self.tun_pending = Pending(packets.fd)
+        self.udp_pending = Pending(conn.fd) if conn.fd is not None else None
+        self.busy = False  # the last epoll_wait found more than one fd ready (see SMALL)
         self.running = False
         # the tun's addresses (IPv4, IPv6) the Router was last told of (None: never)
         self._tun_addresses: tuple[Any, Any] = (None, None)
@@ -167,7 +192,9 @@ class Loop(Generic[Dest]):
         try:
             while self.running:  # the SIGTERM/SIGINT handler clears it
                 timeout = next_housekeeping - now
-                for fd, events in poll(timeout if timeout > 0 else 0):
+                ready = poll(timeout if timeout > 0 else 0)
+                self.busy = len(ready) > 1
+                for fd, events in ready:
                     try:
                         callbacks[fd]()
                         if events & epollerr and fd == udp_fd:
@@ -189,6 +216,9 @@ class Loop(Generic[Dest]):
             for service in self.services:
                 service.close(self)
             poller.close()
+            self.tun_pending.close()
+            if self.udp_pending is not None:
+                self.udp_pending.close()
             signal.set_wakeup_fd(old_wakeup)
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -246,6 +276,7 @@ class Loop(Generic[Dest]):
         packets, router, conn = self.packets, self.router, self.conn
         read, packet, segments, send = packets.read, packets.packet, packets.segments, conn.send
         tx, holds, sent_data = router.tx, router.holds, router.sent_data
+        busy, pending = self.busy, self.tun_pending.now
         now = self.clock()
         for _ in range(BATCH):
             try:
@@ -267,7 +298,7 @@ class Loop(Generic[Dest]):
                     batches = segments(pkt, gso_size)
                     if batches is not None and not (holds and router.held(dest, batches, now)):
                         sent_data(entry, *send(batches, dest))
-            if n < SMALL:
+            if n < SMALL and not (busy and pending()):
                 return
 
     def _send_failed(self, exc: OSError, dest: Address, size: int) -> None:
@@ -286,11 +317,13 @@ class Loop(Generic[Dest]):
     # -- RX: UDP -> tun --------------------------------------------------------
     def on_udp(self) -> None:
         """Datagrams become IP packets written to the tun.  A small one (a
-        request, an ACK) goes on its own, in place, and ends the drain; on the
-        simple path every datagram does; on the offload path a longer one
-        starts a drain whose segments are written coalesced (coalesce)."""
+        request, an ACK) goes on its own, in place, and ends the drain unless
+        the loop is busy (see SMALL); on the simple path every datagram goes
+        on its own; on the offload path a longer one starts a drain whose
+        segments are written coalesced (coalesce)."""
         recv, target, router = self.datagrams.recv, self.rx_target, self.router
         coalesces = self.packets.coalesces
+        busy, pending = self.busy, self._udp_pending()
         now = self.clock()
         for _ in range(self.rx_batch):
             try:
@@ -312,7 +345,7 @@ class Loop(Generic[Dest]):
                     if self.packets.write_received(self.rxview, self.rx_start, n, src, dst,
                                                    router.next_ident):
                         router.received(entry, 1, n)
-            if n < SMALL:
+            if n < SMALL and not (busy and pending()):
                 return
 
     def coalesce(self, n: int, peer: Address, seg_size: int, now: float) -> None:
@@ -322,6 +355,7 @@ class Loop(Generic[Dest]):
         coalesced."""
         view, router, conn = self.rxview, self.router, self.datagrams
         recv, split, rx_segments = conn.recv, conn.split, router.rx_segments
+        busy, pending = self.busy, self._udp_pending()
         groups: list[tuple[Address, list[memoryview]]] = []
         off = self.rx_start
         limit = len(view) - BUFSIZE
@@ -349,7 +383,7 @@ class Loop(Generic[Dest]):
                     groups[-1][1].extend(good)
                 else:
                     groups.append((peer, good))
-            if n < SMALL and not seg_size:  # a small one ends the drain (see SMALL)
+            if n < SMALL and not seg_size and not (busy and pending()):  # see SMALL
                 break
         write = self.packets.write_segments
         for peer, segments in groups:
@@ -357,6 +391,11 @@ class Loop(Generic[Dest]):
             if addrs is not None:
                 src, dst, entry = addrs
                 router.received(entry, *write(segments, src, dst, router.next_ident))
+
+    def _udp_pending(self) -> Callable[[], list[tuple[int, int]]]:
+        pending = self.udp_pending
+        assert pending is not None  # on_udp is registered only by conn.Datagrams (conn.fd set)
+        return pending.now
 
     def on_udp_error(self) -> None:
         """The socket's error queue holds ICMP errors (client: IP_RECVERR)."""
