@@ -2,6 +2,7 @@
 
 import importlib.machinery
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -134,3 +135,23 @@ def test_compare_revisions_pairs_rounds_and_skips_failures():
     assert c["CPU s/GB up"]["median"] == 1.0
     # a revision run without this tree's configuration has nothing to compare with
     assert bench.compare_revisions(rounds, ["udp-encap-tun@78e8943"]) == []
+
+
+def test_hopcount_counts_the_same_work_twice():
+    """scripts/bench_tools/hopcount.py: bytecodes per packet of both handlers on
+    both paths, the same in two runs (a count, not a timing)."""
+    from udp_encap_tun import build
+
+    if build.compiled_modules():
+        pytest.skip("compiled modules run no bytecode: hopcount.py needs the pure build")
+    tool = Path(__file__).resolve().parent.parent / "scripts" / "bench_tools" / "hopcount.py"
+
+    def counts():
+        out = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True,
+                             check=True, timeout=120).stdout
+        return re.findall(r"(simple|offload)\s+TX\s+([\d.]+)\s+RX\s+([\d.]+)", out)
+
+    first = counts()
+    assert [path for path, _, _ in first] == ["simple", "offload"]
+    assert all(float(tx) > 50 and float(rx) > 50 for _, tx, rx in first)
+    assert counts() == first
