@@ -23,13 +23,20 @@ def csum(data: bytes, start: int = 0) -> int:
     return ~total & 0xFFFF
 
 
-def main(mode, tun_name, dev, port, local, peer_addr=None):
-    server, port, local = mode == "s", int(port), socket.inet_aton(local)
+def open_ends(tun_name, dev, port):
+    """The tun fd (IFF_TUN, no packet info) and a UDP socket on *port* bound to *dev*
+    (relay_lean.py opens its ends here too)."""
     tun = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH", tun_name.encode(), IFF_TUN | IFF_NO_PI))
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, dev.encode())
     sock.bind(("0.0.0.0", port))
+    return tun, sock
+
+
+def main(mode, tun_name, dev, port, local, peer_addr=None):
+    server, port, local = mode == "s", int(port), socket.inet_aton(local)
+    tun, sock = open_ends(tun_name, dev, port)
     peer, ident = None, 0
     while True:
         ready, _, _ = select.select([tun, sock], [], [])

@@ -7,24 +7,20 @@ machine at hand.  Same arguments as relay.c:
 
     relay_lean.py c TUN DEV PORT LOCAL        |    relay_lean.py s TUN DEV PORT LOCAL PEER
 """
-import fcntl
 import os
 import select
 import socket
 import struct
 import sys
 
-TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
+from relay import open_ends  # beside this file: the same tun and socket as relay.py's
+
 IP_HEADER = struct.Struct("!BBHHHBBH4s4s")
 
 
 def main(mode, tun_name, dev, port, local, peer_addr=None):
     server, port, local = mode == "s", int(port), socket.inet_aton(local)
-    tun = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    fcntl.ioctl(tun, TUNSETIFF, struct.pack("16sH", tun_name.encode(), IFF_TUN | IFF_NO_PI))
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, dev.encode())
-    sock.bind(("0.0.0.0", port))
+    tun, sock = open_ends(tun_name, dev, port)
     epoll = select.epoll()
     epoll.register(tun, select.EPOLLIN)
     epoll.register(sock.fileno(), select.EPOLLIN)
