@@ -192,6 +192,23 @@ def test_a_busy_loop_drains_small_datagrams_queued_together(sockets, tun_pair, k
     assert not tunnel.udp_pending()
 
 
+def test_a_busy_drain_goes_on_after_a_small_datagram_while_more_is_queued(sockets, tun_pair):
+    """Offload path, busy: a drain started by a full segment takes the small
+    datagrams queued after it too (and stops when nothing more is)."""
+    tunnel = rx_tunnel("offload", sockets, tun_pair)
+    tx, rx = sockets
+    payload = bytes(range(256)) * 4
+    tx.sendto(data_segment(1, payload), rx.getsockname())
+    for i in range(2):  # out of sequence: written on their own
+        tx.sendto(data_segment(100000 + i * 100, b"?"), rx.getsockname())
+    time.sleep(0.05)
+    tunnel.busy = True
+    tunnel.on_udp()
+    assert len(written(tun_pair[1], 3)) == 3
+    assert tunnel.counters["rx_packets"] == 3
+    assert not tunnel.udp_pending()
+
+
 def test_pending_tells_whether_something_is_queued(tun_pair):
     ours, theirs = tun_pair
     pending = Pending(ours.fileno())
@@ -316,6 +333,46 @@ def _run_signal_tunnel(sockets, tun_pair, service, caplog) -> None:
     finally:
         for sock in monitor:
             sock.close()
+
+
+class _BusyProbe(_Storm):
+    """Two fds of its own, made readable together, then one alone: what the
+    loop's ``busy`` said in each callback."""
+
+    def __init__(self):
+        super().__init__(0)
+        self.pairs = [socket.socketpair(), socket.socketpair()]
+        self.seen = []
+
+    def watch(self, tunnel):
+        return [(ours.fileno(), lambda ours=ours: self.read(tunnel, ours))
+                for ours, _ in self.pairs]
+
+    def ready(self, tunnel):
+        for _, theirs in self.pairs:
+            theirs.send(b"x")
+
+    def read(self, tunnel, ours):
+        ours.recv(1)
+        self.seen.append(tunnel.busy)
+        if len(self.seen) == 2:
+            self.pairs[0][1].send(b"x")  # one fd alone next
+        elif len(self.seen) == 3:
+            tunnel.running = False
+
+    def tick(self, tunnel, now):
+        pass
+
+    def close(self, tunnel):
+        for pair in self.pairs:
+            for sock in pair:
+                sock.close()
+
+
+def test_the_loop_is_busy_when_more_than_one_fd_is_ready(sockets, tun_pair, caplog):
+    service = _BusyProbe()
+    _run_signal_tunnel(sockets, tun_pair, service, caplog)
+    assert service.seen == [True, True, False]
 
 
 def test_sigterm_during_start_up_is_not_lost(sockets, tun_pair, caplog):
