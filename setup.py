@@ -3,8 +3,9 @@ MODULES) compiled with mypyc when mypyc can be imported and a C compiler builds
 against this Python's headers; the same .py files, pure Python, otherwise or
 when UDP_ENCAP_TUN_PURE=1 is set.  Everything else is in pyproject.toml.
 
-pip builds in an isolated environment without mypy, so a plain
-`pip install -e .` is the pure build; scripts/build compiles into the tree."""
+pip builds in an isolated environment without mypy, so a plain `pip install .`
+or `pip install -e .` is the pure build; scripts/build compiles into the tree,
+scripts/install builds a compiled wheel in a build venv that has mypy."""
 
 import os
 import sys
@@ -31,6 +32,12 @@ def _why_pure() -> str | None:
         import mypyc.build  # noqa: F401
     except ImportError:
         return "mypyc is not installed"
+    return _why_no_compiler()
+
+
+def _why_no_compiler() -> str | None:
+    """Why no C compiler builds against this Python's headers, or None if one does
+    (scripts/install asks this before it installs mypy for the build)."""
     from setuptools._distutils.ccompiler import new_compiler
     from setuptools._distutils.sysconfig import customize_compiler
     compiler = new_compiler()

@@ -1,10 +1,12 @@
 """scripts/install, run into a temporary root (--root): the venv, the unit pointing
-into it, the example config; idempotent; --uninstall takes back exactly its own.
+into it, the example config; the compiled build where a compiler is, pure Python when
+asked or without one; idempotent; --uninstall takes back exactly its own.
 It needs no root and no namespace, but it is here and not in tests/ because it pip-installs
-the project and its dependencies into fresh venvs twice (a minute or two): the unit
-tests stay fast.  Nothing outside the temporary root is touched."""
+the project and its dependencies into fresh venvs and compiles once (two or three minutes):
+the unit tests stay fast.  Nothing outside the temporary root is touched."""
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -12,17 +14,59 @@ from pathlib import Path
 
 import pytest
 
+from udp_encap_tun import build
+from uetlab import clean_env
+
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "install"
 PREFIX = "/opt/udp-encap-tun"
 
 
-def install(*args, check=True) -> subprocess.CompletedProcess:
+def install(*args, check=True, env=None) -> subprocess.CompletedProcess:
+    # clean_env: no UDP_ENCAP_TUN_PURE from the caller's environment, only what a test sets
     r = subprocess.run(["bash", str(SCRIPT), *map(str, args)], capture_output=True, text=True,
-                       timeout=600)
+                       timeout=600, env=clean_env(env))
     if check:
         assert r.returncode == 0, r.stdout + r.stderr
     return r
+
+
+def installed_build(venv: Path) -> str:
+    """build.describe() of the installed package (-I: not the checkout's, the cwd)."""
+    return subprocess.run([venv / "bin/python", "-I", "-c",
+                           "from udp_encap_tun import build; print(build.describe())"],
+                          capture_output=True, text=True, check=True, cwd=REPO).stdout.strip()
+
+
+def importable(venv: Path, module: str) -> bool:
+    return subprocess.run([venv / "bin/python", "-I", "-c", f"import {module}"],
+                          capture_output=True).returncode == 0
+
+
+def compiled_files(venv: Path) -> list[Path]:
+    return sorted(venv.glob("lib/python*/site-packages/udp_encap_tun/*.so"))
+
+
+def why_no_compiled_build() -> str | None:
+    """Why scripts/install cannot compile here (python3's C compiler or headers are
+    missing), or None: then it must (mypy installs from the index that gave the
+    test extra its mypy)."""
+    probe = subprocess.run(
+        ["python3", "-c", "import sysconfig; print((sysconfig.get_config_var('CC') or 'cc')"
+         ".split()[0]); print(sysconfig.get_paths()['include'])"],
+        capture_output=True, text=True, check=True).stdout.split("\n")
+    compiler, include = probe[0], probe[1]
+    if not shutil.which(compiler):
+        return f"no {compiler}"
+    if not Path(include, "Python.h").exists():
+        return f"no {include}/Python.h"
+    return None
+
+
+NO_VENV = pytest.mark.skipif(
+    subprocess.run([sys.executable, "-c", "import ensurepip"]).returncode != 0
+    and subprocess.run(["python3", "-c", "import ensurepip"]).returncode != 0,
+    reason="python3 -m venv does not work here (no ensurepip)")
 
 
 def files(root: Path) -> set[str]:
@@ -30,14 +74,29 @@ def files(root: Path) -> set[str]:
             if not str(p.relative_to(root)).startswith(PREFIX[1:] + "/")}
 
 
-@pytest.mark.skipif(subprocess.run([sys.executable, "-c", "import ensurepip"]).returncode != 0
-                    and subprocess.run(["python3", "-c", "import ensurepip"]).returncode != 0,
-                    reason="python3 -m venv does not work here (no ensurepip)")
-def test_install_reinstall_uninstall(tmp_path):
+@NO_VENV
+def test_install_compiled_reinstall_pure_uninstall(tmp_path):
+    """The one compile of the test run: the first install is the compiled build where
+    a compiler is; the second, with --pure, is pure Python and changes nothing else."""
     root = tmp_path / "root"
-    install("--root", root)
+    first = install("--root", root)
 
     venv = root / PREFIX[1:]
+    why = why_no_compiled_build()
+    if why is None:
+        assert installed_build(venv) == build.COMPILED, first.stdout + first.stderr
+        assert "pure Python build" not in first.stdout
+        # the compiled modules and their library, beside the .py files (which never count
+        # as newer than the build in an installed package: no STALE above)
+        assert {p.name.split(".")[0] for p in compiled_files(venv)} == \
+            {*build.MODULES, build.LIBRARY}
+    else:  # no compiler: pure, and the operator is told why in one line
+        assert installed_build(venv) == build.PURE
+        assert [line for line in first.stdout.splitlines()
+                if line.startswith("install: pure Python build: ")], first.stdout
+    assert f"into {PREFIX}: {installed_build(venv)}" in first.stdout.replace(str(root), "")
+    # the build's tools stayed in the throwaway build venv
+    assert not importable(venv, "mypy") and not importable(venv, "mypyc")
     version = subprocess.run([venv / "bin" / "udp-encap-tun", "--version"], capture_output=True,
                              text=True, check=True).stdout
     assert version.startswith("udp-encap-tun ")
@@ -62,8 +121,10 @@ def test_install_reinstall_uninstall(tmp_path):
     server = root / "etc/udp-encap-tun/server.conf"
     server.write_text("interface = tun0\n")
     before = files(root)
-    install("--root", root)
+    second = install("--root", root, "--pure")
     assert files(root) == before
+    assert "install: pure Python build: asked for (--pure)" in second.stdout.splitlines()
+    assert installed_build(venv) == build.PURE and compiled_files(venv) == []
     assert example.read_text().endswith("# edited\n") and server.read_text() == "interface = tun0\n"
     assert unit.read_text().splitlines() == theirs
 
@@ -80,8 +141,25 @@ def test_install_reinstall_uninstall(tmp_path):
     assert not [p for p in root.rglob("*") if p.is_file() or p.is_symlink()]
 
 
+@NO_VENV
+def test_install_pure_without_a_compiler_or_when_asked(tmp_path):
+    """No C compiler: pure Python, and one line says why; UDP_ENCAP_TUN_PURE=1 as --pure."""
+    root = tmp_path / "root"
+    venv = root / PREFIX[1:]
+    r = install("--root", root, env={"CC": "/nonexistent/cc"})
+    [why] = [line for line in r.stdout.splitlines() if "pure Python build" in line]
+    assert why.startswith("install: pure Python build: no working C compiler "), why
+    assert installed_build(venv) == build.PURE and compiled_files(venv) == []
+    r = install("--root", root, env={"UDP_ENCAP_TUN_PURE": "1"})
+    assert "install: pure Python build: UDP_ENCAP_TUN_PURE is set" in r.stdout.splitlines()
+    assert installed_build(venv) == build.PURE
+    install("--root", root, "--uninstall", "--purge")
+    assert not [p for p in root.rglob("*") if p.is_file() or p.is_symlink()]
+
+
 def test_install_refuses_what_it_cannot_do(tmp_path):
-    for args in (["--bogus"], ["--purge"], ["--root", tmp_path, "--prefix", "relative/dir"]):
+    for args in (["--bogus"], ["--purge"], ["--pure", "--uninstall"],
+                 ["--root", tmp_path, "--prefix", "relative/dir"]):
         r = install(*args, check=False)
         assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, (args, r.stderr)
     if os.geteuid() != 0:

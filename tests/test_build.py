@@ -95,6 +95,15 @@ def test_a_py_changed_after_the_build_is_named_stale(monkeypatch, tmp_path):
     assert build.stale() == [] and build.describe() == build.COMPILED
 
 
+def test_an_installed_build_is_never_stale(monkeypatch, tmp_path):
+    """pip writes a wheel's .py files after its extension modules: in site-packages
+    the .py is always the newer, and means nothing (scripts/install's compiled wheel)."""
+    _fake_modules(monkeypatch, tmp_path, compiled=build.MODULES, stale=("core",))
+    site = str(tmp_path.parent)  # the package's folder is tmp_path: its parent is site-packages
+    monkeypatch.setattr(build.sysconfig, "get_path", lambda kind: site)
+    assert build.stale() == [] and build.describe() == build.COMPILED
+
+
 def test_status_shows_the_build_in_every_format(monkeypatch, tmp_path):
     from test_status import make_tunnel, parse_exposition
     t = make_tunnel()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sysconfig
 from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader
 from typing import Final
 
@@ -51,10 +52,15 @@ def stale() -> list[str]:
     """Compiled MODULES whose .py was changed after the build: the .py edits do
     not run until the build is redone (scripts/build).  The code is in the
     group's library (LIBRARY), each module's extension is a small shim that a
-    rebuild may leave as it was: the newer of the two counts."""
+    rebuild may leave as it was: the newer of the two counts.  An installed
+    wheel (scripts/install) is never stale: pip writes its .py files after its
+    extension modules."""
     found = []
+    installed = {os.path.realpath(sysconfig.get_path(kind)) for kind in ("purelib", "platlib")}
     for name in compiled_modules():
         extension = importlib.import_module(f"{__package__}.{name}").__file__ or ""
+        if os.path.realpath(os.path.dirname(os.path.dirname(extension))) in installed:
+            continue
         suffix = next((s for s in EXTENSION_SUFFIXES if extension.endswith(s)), "")
         base = extension[:-len(suffix)] if suffix else extension
         library = os.path.join(os.path.dirname(extension), LIBRARY + suffix)
@@ -63,6 +69,6 @@ def stale() -> list[str]:
                         if os.path.exists(path))
             if os.stat(base + ".py").st_mtime > built:
                 found.append(name)
-        except (OSError, ValueError):  # no source beside it (an installed wheel)
+        except (OSError, ValueError):  # no source beside it
             pass
     return found
