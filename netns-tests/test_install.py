@@ -1,9 +1,10 @@
 """scripts/install, run into a temporary root (--root): the venv, the unit pointing
 into it, the example config; the compiled build where a compiler is, pure Python when
 asked or without one; idempotent; --uninstall takes back exactly its own.
-It needs no root and no namespace, but it is here and not in tests/ because it pip-installs
-the project and its dependencies into fresh venvs and compiles once (two or three minutes):
-the unit tests stay fast.  Nothing outside the temporary root is touched."""
+It needs no root and no namespace (as root, the installed command also runs the standard
+pair's tunnels), but it is here and not in tests/ because it pip-installs the project and
+its dependencies into fresh venvs and compiles once (about two minutes): the unit tests stay
+fast.  Nothing outside the temporary root and the test's namespaces is touched."""
 
 import os
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from udp_encap_tun import build
-from uetlab import clean_env
+from uetlab import READY_RE, Lab, Pair, clean_env
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "install"
@@ -63,6 +64,28 @@ def why_no_compiled_build() -> str | None:
     return None
 
 
+def netns_possible() -> bool:
+    return os.geteuid() == 0 and shutil.which("ip") is not None and Path("/dev/net/tun").exists()
+
+
+def tunnel_through_installed(venv: Path, tmp: Path) -> list[str]:
+    """The standard pair's two tunnels run by the installed command (the one the unit
+    runs, from the venv, not the checkout), 1 MB each way through them, byte-exact;
+    their ready lines."""
+    tmp.mkdir()
+    lab = Lab(tmp, "offload")
+    try:
+        pair = Pair(lab)
+        command = [venv / "bin/udp-encap-tun"]
+        pair.start_server(command=command)
+        pair.start_client(command=command)
+        pair.transfer(7001, "upload")
+        pair.transfer(7002, "download")
+        return [READY_RE.search(tool.log()).group(0) for tool in (pair.server, pair.client)]
+    finally:
+        lab.cleanup()
+
+
 NO_VENV = pytest.mark.skipif(
     subprocess.run([sys.executable, "-c", "import ensurepip"]).returncode != 0
     and subprocess.run(["python3", "-c", "import ensurepip"]).returncode != 0,
@@ -97,6 +120,9 @@ def test_install_compiled_reinstall_pure_uninstall(tmp_path):
     assert f"into {PREFIX}: {installed_build(venv)}" in first.stdout.replace(str(root), "")
     # the build's tools stayed in the throwaway build venv
     assert not importable(venv, "mypy") and not importable(venv, "mypyc")
+    if netns_possible():  # the daemon as installed runs that build, and carries data
+        for ready in tunnel_through_installed(venv, tmp_path / "lab"):
+            assert ready.endswith("; " + installed_build(venv)), ready
     version = subprocess.run([venv / "bin" / "udp-encap-tun", "--version"], capture_output=True,
                              text=True, check=True).stdout
     assert version.startswith("udp-encap-tun ")

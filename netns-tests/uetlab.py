@@ -238,15 +238,18 @@ class Namespace:
 
 
 class ToolProcess:
-    """``python -m udp_encap_tun ...`` running in a namespace, stderr in a file."""
+    """``python -m udp_encap_tun ...`` running in a namespace, stderr in a file
+    (*command*: another udp-encap-tun command instead, e.g. an installed one)."""
 
-    def __init__(self, ns: Namespace, args, log_path: Path, env=None):
+    def __init__(self, ns: Namespace, args, log_path: Path, env=None, command=None):
         self.ns = ns
         self.args = [str(a) for a in args]
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115 (the process's stderr while it runs)
+        self.of_checkout = command is None  # the checkout's package: EXPECTED_BUILD's build
+        command = command or [sys.executable, "-m", "udp_encap_tun"]
         self.proc = subprocess.Popen(
-            ns.exec_args([sys.executable, "-m", "udp_encap_tun", *self.args]),
+            ns.exec_args([*command, *self.args]),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._log,
             env=clean_env(env), cwd=REPO)
         self.returncode: int | None = None
@@ -269,7 +272,8 @@ class ToolProcess:
         def ready():
             m = READY_RE.search(self.log())
             if m:
-                assert EXPECTED_BUILD is None or m.group(0).endswith("; " + EXPECTED_BUILD), \
+                assert EXPECTED_BUILD is None or not self.of_checkout \
+                    or m.group(0).endswith("; " + EXPECTED_BUILD), \
                     f"not the {EXPECTED_BUILD} build: {m.group(0)}"
                 return m
             if not self.alive():
@@ -435,11 +439,12 @@ class Lab:
         return proc
 
     def tool(self, ns: Namespace, *args, env=None, datapath: bool = True,
-             ready: bool = True) -> ToolProcess:
+             ready: bool = True, command=None) -> ToolProcess:
         """Start udp-encap-tun in *ns* (with this test's data-path option unless
-        ``datapath=False``); by default wait for ``ready:``."""
+        ``datapath=False``; *command*: see ToolProcess); by default wait for ``ready:``."""
         argv = [*args, *(self.datapath_args if datapath else [])]
-        t = ToolProcess(ns, argv, self.tmp / f"tool-{len(self.tools)}-{ns.name}.log", env)
+        t = ToolProcess(ns, argv, self.tmp / f"tool-{len(self.tools)}-{ns.name}.log", env,
+                        command)
         self.tools.append(t)
         if ready:
             t.wait_ready()
@@ -493,20 +498,24 @@ class Pair:
         self.server: ToolProcess | None = None
         self.client: ToolProcess | None = None
 
-    def start_server(self, *extra, env=None, port: int | None = PORT) -> ToolProcess:
-        """Server tunnel in S (``port=None``: no --listen-port on the command line)."""
+    def start_server(self, *extra, env=None, port: int | None = PORT,
+                     command=None) -> ToolProcess:
+        """Server tunnel in S (``port=None``: no --listen-port on the command line;
+        *command*: see ToolProcess)."""
         listen = ["--listen-port", port] if port is not None else []
         self.server = self.lab.tool(self.s, "--interface", self.stun, *listen,
-                                    "--bind-to-interface", self.vs, *extra, env=env)
+                                    "--bind-to-interface", self.vs, *extra, env=env,
+                                    command=command)
         self.s.add_address(self.stun, f"{self.SERVER_TUN_IP}/{self.TUN_PREFIX}")
         return self.server
 
     def start_client(self, *extra, env=None, port: int = PORT,
-                     endpoint_port: int = PORT) -> ToolProcess:
+                     endpoint_port: int = PORT, command=None) -> ToolProcess:
         """Client tunnel in C, its address and the host route into it."""
         self.client = self.lab.tool(
             self.c, "--interface", self.ctun, "--listen-port", port,
-            "--bind-to-interface", self.vc, "--endpoint-port", endpoint_port, *extra, env=env)
+            "--bind-to-interface", self.vc, "--endpoint-port", endpoint_port, *extra, env=env,
+            command=command)
         self.c.add_address(self.ctun, f"{self.CLIENT_TUN_IP}/{self.HOST_PREFIX}")
         self.c.add_route(f"{self.SERVER_IP}/{self.HOST_PREFIX}", dev=self.ctun)
         return self.client
