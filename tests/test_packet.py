@@ -85,8 +85,9 @@ def _ipv4_acceptable(p: bytes) -> bool:
        st.integers(0, 40))
 def test_classify_tx_accepts_exactly_the_good_ipv4_packets(first, total, frag, proto, doff,
                                                            payload, trailing):
-    """Fast path and the checks that name a reason agree with the rules, field
-    by field (*total*: off the true length by that much, or any value)."""
+    """The one expression (plain_ipv4_tcp) and the checks that name a reason
+    agree with the rules, field by field (*total*: off the true length by
+    that much, or any value)."""
     seg = bytearray(tcp_segment(bytes(payload)))
     seg[12] = doff << 4
     pkt = bytearray(testkit.ip_packet(bytes(seg), bytes(4), bytes(4))) + bytes(trailing)
@@ -95,7 +96,10 @@ def test_classify_tx_accepts_exactly_the_good_ipv4_packets(first, total, frag, p
         total = max(0, 20 + len(seg) + total)
     pkt[2:4] = total.to_bytes(2, "big")
     pkt[6:8] = frag.to_bytes(2, "big")
-    assert (pk.classify_tx(bytes(pkt)) is None) == _ipv4_acceptable(bytes(pkt))
+    acceptable = _ipv4_acceptable(bytes(pkt))
+    assert (pk.classify_tx(bytes(pkt)) is None) == acceptable
+    # the one expression alone (fastpath.FastPath's test) says the same, with the length
+    assert pk.plain_ipv4_tcp(pkt, len(pkt)) == (total if acceptable else 0)
 
 
 @pytest.mark.parametrize("segment,reason", [
