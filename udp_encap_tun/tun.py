@@ -478,18 +478,23 @@ class Packets:
         """Write the received TCP segment ``view[start:start + n]`` as one IP
         packet from *src* to *dst* (4 or 16 bytes), its headers built in place
         in front of it (*start* leaves room for an IPv6 header and the tun
-        header) and its TCP checksum made valid (the kernel finishes it where
-        ``ipv4_tun_header`` asks).  False if the write failed."""
+        header) and its TCP checksum made valid.  False if the write failed."""
         if len(src) == 4:
-            header = start - pk.IPV4_HEADER_LEN
-            pk.build_rx_packet(view, n, next_ident(), src, dst, header, self.kernel_csum)
-            tun_header = self.ipv4_tun_header
-        else:
-            header = start - pk.IPV6_HEADER_LEN
-            pk.build_rx_packet6(view, n, src, dst, header)
-            tun_header = self.plain_tun_header
+            return self.write_ipv4(view, start, n, next_ident(), src, dst)
+        header = start - pk.IPV6_HEADER_LEN
+        pk.build_rx_packet6(view, n, src, dst, header)
         begin = header - self.header_len
-        view[begin:header] = tun_header
+        view[begin:header] = self.plain_tun_header
+        return self.write(view[begin:start + n])
+
+    def write_ipv4(self, view: memoryview, start: int, n: int, ident: int, src: bytes,
+                   dst: bytes) -> bool:
+        """write_received for IPv4 addresses, the IP header's ID given (the
+        kernel finishes the TCP checksum where ``ipv4_tun_header`` asks)."""
+        header = start - pk.IPV4_HEADER_LEN
+        pk.build_rx_packet(view, n, ident, src, dst, header, self.kernel_csum)
+        begin = header - self.header_len
+        view[begin:header] = self.ipv4_tun_header
         return self.write(view[begin:start + n])
 
     def write_segments(self, segments: Sequence[Buffer], src: bytes, dst: bytes,
