@@ -182,7 +182,7 @@ def test_a_full_route_cache_keeps_the_keepalive_targets():
         r.tx_destination(bytes([10, 1, i >> 8, i & 0xFF]), 1.0 + i)
         if i % 100 == 0:
             r.tx_destination(SERVER, 1.0 + i)
-    assert len(r._routes) <= 4097 and len(r.remotes) <= 4097
+    assert len(r.routes) <= 4097 and len(r.remotes) <= 4097
     assert ("192.0.2.2", 4000) in r.keepalive_targets(6000.0)
     assert ("192.0.2.2", 4000) in r.servers
 

@@ -250,7 +250,7 @@ def test_ipv4_edge_converts_nothing():
         assert edge.recv(memoryview(bytearray(100)))[1] == other.getsockname()
         assert edge.send([(b"y", 1)], other.getsockname()) == (1, 1)
         assert other.recv(10) == b"y"
-        assert edge._peers == {} and edge._wire == {}
+        assert edge._peers == {} and edge.wire == {}
 
 
 def test_peer_conversions_are_cached_and_bounded(dual):
@@ -266,7 +266,7 @@ def test_peer_conversions_are_cached_and_bounded(dual):
     for i in range(conn.CACHED_PEERS + 10):
         edge.peer(("2001:db8::1", i, 0, 0))
         edge.wire_address(("192.0.2.1", i))
-    assert len(edge._peers) <= conn.CACHED_PEERS and len(edge._wire) <= conn.CACHED_PEERS
+    assert len(edge._peers) <= conn.CACHED_PEERS and len(edge.wire) <= conn.CACHED_PEERS
 
 
 def _errqueue(origin: int, family: int, address: bytes, err: int = errno.EMSGSIZE,

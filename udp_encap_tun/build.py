@@ -15,7 +15,8 @@ from importlib.machinery import EXTENSION_SUFFIXES, ExtensionFileLoader
 from typing import Final
 
 # the modules of the per-packet path (setup.py reads this list)
-MODULES: Final = ("packet", "tiu", "offload", "store", "core", "tiumode", "conn", "loop")
+MODULES: Final = ("packet", "tiu", "offload", "store", "core", "tiumode", "conn", "fastpath",
+                   "loop")
 
 # the library mypyc builds for all of them (setup.py's group_name), beside them
 LIBRARY: Final = "_compiled__mypyc"

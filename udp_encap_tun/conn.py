@@ -248,7 +248,7 @@ class Datagrams:
         self._sendto = sock.sendto
         self.v6 = sock.family == socket.AF_INET6  # peers converted (see above)
         self._peers: dict[SockAddr, Address] = {}  # socket address -> peer
-        self._wire: dict[Address, Address] = {}  # peer -> socket address
+        self.wire: dict[Address, Address] = {}  # peer -> socket address
 
     def peer(self, address: SockAddr) -> Address:
         """The peer ``(host, port)`` of an IPv6 socket's source *address*."""
@@ -261,12 +261,12 @@ class Datagrams:
 
     def wire_address(self, dest: Address) -> Address:
         """What an IPv6 socket sends to for the peer *dest*."""
-        to = self._wire.get(dest)
+        to = self.wire.get(dest)
         if to is None:
-            if len(self._wire) >= CACHED_PEERS:
-                self._wire.clear()
+            if len(self.wire) >= CACHED_PEERS:
+                self.wire.clear()
             host = dest[0] if ":" in dest[0] else V4_MAPPED + dest[0]
-            to = self._wire[dest] = (host, dest[1])
+            to = self.wire[dest] = (host, dest[1])
         return to
 
     def describe(self) -> str:
@@ -299,7 +299,7 @@ class Datagrams:
     def send(self, batches: Batches, dest: Address) -> tuple[int, int]:
         """Send the wire segments of *batches* to *dest*: (datagrams, bytes) sent."""
         packets = nbytes = 0
-        to = (self._wire.get(dest) or self.wire_address(dest)) if self.v6 else dest
+        to = (self.wire.get(dest) or self.wire_address(dest)) if self.v6 else dest
         for data, size in batches:
             n = len(data)
             try:

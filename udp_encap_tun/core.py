@@ -218,7 +218,7 @@ class Router(Accounting):
         self.pools: dict[bool, AddressPool | None] = {False: None, True: None}
         self._aton: dict[str, bytes] = {}
         # client: IP destination (4 or 16 bytes) -> (UDP dest, None)
-        self._routes: dict[bytes, tuple[Peer, None]] = {}
+        self.routes: dict[bytes, tuple[Peer, None]] = {}
         self.ident = 0
         # datagrams to send, [(dest, [(buffer, segment size), ...] or None)]: control
         # replies, data released after authentication, keepalives (None: an empty
@@ -335,7 +335,7 @@ class Router(Accounting):
         """(UDP (host, port), store entry or None) for a packet to *dst* (4
         bytes: IPv4, 16: IPv6), or None (counted)."""
         if self.client:
-            route = self._routes.get(dst)
+            route = self.routes.get(dst)
             if route is None:
                 route = self._new_route(dst)
             self.remotes[route[0]] = now
@@ -348,15 +348,15 @@ class Router(Accounting):
         return entry.peer, entry
 
     def _new_route(self, dst: bytes) -> tuple[Peer, None]:
-        if len(self._routes) > 4096:  # bounded: a scan through the tun must not grow memory
-            self._routes.clear()
+        if len(self.routes) > 4096:  # bounded: a scan through the tun must not grow memory
+            self.routes.clear()
         if len(self.remotes) > 4096:  # so are the servers TCP went to: the latest used stay
             recent = sorted(self.remotes.items(), key=lambda item: item[1])[-2048:]
             self.remotes = dict(recent)
             self.servers = {d: s for d, s in self.servers.items() if d in self.remotes}
         port = self.endpoint_port
         assert port is not None  # client mode: endpoint_port is set (see client)
-        route = self._routes[bytes(dst)] = ((ntop(dst), port), None)
+        route = self.routes[bytes(dst)] = ((ntop(dst), port), None)
         if route[0] not in self.servers:
             self.servers[route[0]] = ServerState(route[0][0])
         return route

@@ -7,7 +7,11 @@ no header byte.  Decisions are the Router's
 (core.Router, tiumode.TiuRouter); reading, writing, cutting and coalescing
 packets are the edges' (tun.Packets / tun.OffloadPackets for the tun,
 conn.Datagrams / conn.OffloadDatagrams / tiudev.TiuConn for the UDP side).
-The simple and the offload path are the same loop given other edges."""
+The simple and the offload path are the same loop given other edges.  On
+the default wire each packet is first offered to fastpath.FastPath, which
+does the common case (one plain IPv4 packet, a known peer) in one call with
+the Router's tables and the edges' buffers, and gives the rest back to the
+layered path (tx_layered, rx_layered)."""
 
 from __future__ import annotations
 
@@ -24,7 +28,9 @@ from typing import Any, Final, Generic, Protocol, TypeVar
 
 from . import build, packet as pk
 from .conn import PENDING_ICMP_ERRORS, Address, Batches, Datagrams, IcmpError
+from .core import Router
 from .errors import LinkFault
+from .fastpath import FastPath
 from .faults import Changes, Links, ReadErrors
 from .service import HOUSEKEEPING, Service
 from .store import PoolError
@@ -149,6 +155,10 @@ class Loop(Generic[Dest]):
         self.rxbuf = bytearray(self.rx_start + (RX_AREA if packets.coalesces else BUFSIZE))
         self.rxview = memoryview(self.rxbuf)
         self.rx_target = self.rxview[self.rx_start:self.rx_start + BUFSIZE]  # one receive's
+        # the fast path (default wire only): the common case of each direction in one call
+        self.fast: FastPath | None = None
+        if isinstance(router, Router) and isinstance(edge, Datagrams) and not packets.tiu_wire:
+            self.fast = FastPath(router, packets, edge, self.rxview, self.rx_start)
         if packets.coalesces:
             self.data_path = f"offload ({packets.describe()}; {conn.describe()})"
         else:
@@ -272,10 +282,9 @@ class Loop(Generic[Dest]):
 
     # -- TX: tun -> UDP --------------------------------------------------------
     def on_tun(self) -> None:
-        """Packets from the tun become UDP datagrams."""
-        packets, router, conn = self.packets, self.router, self.conn
-        read, packet, segments, send = packets.read, packets.packet, packets.segments, conn.send
-        tx, holds, sent_data = router.tx, router.holds, router.sent_data
+        """Packets from the tun become UDP datagrams: each by the fast path, or
+        else the layered one (tx_layered)."""
+        read, fast = self.packets.read, self.fast.tx if self.fast is not None else None
         busy, pending = self.busy, self.tun_pending.now
         now = self.clock()
         for _ in range(BATCH):
@@ -284,22 +293,29 @@ class Loop(Generic[Dest]):
             except BlockingIOError:
                 return
             except OSError as exc:
-                packets.check_gone(exc)  # raises TunGone: the loop ends
+                self.packets.check_gone(exc)  # raises TunGone: the loop ends
                 self.counters["tx_read_error"] += 1
                 log.debug("tun read: %s", exc)
-                self._read_failed(self.tun_errors, packets.fd, "tun " + self.tun.name)
+                self._read_failed(self.tun_errors, self.packets.fd, "tun " + self.tun.name)
                 return
-            item = packet(n)
-            if item is not None:
-                pkt, gso_size = item
-                route = tx(pkt, now)
-                if route is not None:
-                    dest, entry = route
-                    batches = segments(pkt, gso_size)
-                    if batches is not None and not (holds and router.held(dest, batches, now)):
-                        sent_data(entry, *send(batches, dest))
+            if fast is None or not fast(n, now):
+                self.tx_layered(n, now)
             if n < SMALL and not (busy and pending()):
                 return
+
+    def tx_layered(self, n: int, now: float) -> None:
+        """A read of *n* bytes from the tun, by the tun edge, the Router and the UDP edge."""
+        packets, router = self.packets, self.router
+        item = packets.packet(n)
+        if item is None:
+            return
+        pkt, gso_size = item
+        route = router.tx(pkt, now)
+        if route is not None:
+            dest, entry = route
+            batches = packets.segments(pkt, gso_size)
+            if batches is not None and not (router.holds and router.held(dest, batches, now)):
+                router.sent_data(entry, *self.conn.send(batches, dest))
 
     def _send_failed(self, exc: OSError, dest: Address, size: int) -> None:
         if self.router.send_failed(dest, exc.errno, size, self.clock()) == "send_error":
@@ -317,11 +333,13 @@ class Loop(Generic[Dest]):
     # -- RX: UDP -> tun --------------------------------------------------------
     def on_udp(self) -> None:
         """Datagrams become IP packets written to the tun.  A small one (a
-        request, an ACK) goes on its own, in place, and ends the drain unless
-        the loop is busy (see SMALL); on the simple path every datagram goes
-        on its own; on the offload path a longer one starts a drain whose
-        segments are written coalesced (coalesce)."""
-        recv, target, router = self.datagrams.recv, self.rx_target, self.router
+        request, an ACK) goes on its own, in place (by the fast path, or else
+        rx_layered), and ends the drain unless the loop is busy (see SMALL); on
+        the simple path every datagram goes on its own; on the offload path a
+        longer one starts a drain whose segments are written coalesced
+        (coalesce)."""
+        recv, target = self.datagrams.recv, self.rx_target
+        fast = self.fast.rx if self.fast is not None else None
         coalesces = self.packets.coalesces
         busy, pending = self.busy, self._udp_pending()
         now = self.clock()
@@ -337,16 +355,21 @@ class Loop(Generic[Dest]):
             if coalesces and (seg_size or n >= SMALL):
                 self.coalesce(n, peer, seg_size, now)
                 return
-            seg = target[:n]
-            if router.rx_segment(seg, peer, now):
-                addrs = router.rx_addresses(peer, now)
-                if addrs is not None:
-                    src, dst, entry = addrs
-                    if self.packets.write_received(self.rxview, self.rx_start, n, src, dst,
-                                                   router.next_ident):
-                        router.received(entry, 1, n)
+            if fast is None or not fast(n, peer, now):
+                self.rx_layered(n, peer, now)
             if n < SMALL and not (busy and pending()):
                 return
+
+    def rx_layered(self, n: int, peer: Address, now: float) -> None:
+        """The datagram of *n* bytes from *peer* at ``rx_start``, by the Router and the tun edge."""
+        router = self.router
+        if router.rx_segment(self.rx_target[:n], peer, now):
+            addrs = router.rx_addresses(peer, now)
+            if addrs is not None:
+                src, dst, entry = addrs
+                if self.packets.write_received(self.rxview, self.rx_start, n, src, dst,
+                                               router.next_ident):
+                    router.received(entry, 1, n)
 
     def coalesce(self, n: int, peer: Address, seg_size: int, now: float) -> None:
         """Offload path: the receive of *n* bytes at ``rx_start`` (a GRO buffer
