@@ -203,6 +203,9 @@ events = st.lists(st.one_of(
          script=[("rx", "data", 9), ("tx", "plain", 9, True), ("tx", "syn", 0, True),
                  ("rx", "syn", 0), ("wait", 2.0), ("rx", "data", 9), ("wait", 301.0),
                  ("tx", "plain", 9, True), ("rx", "data", 9)])
+# a client's server over IPv6 (the dual-stack rig's IPv6 peer): its datagrams go layered
+@example(client=True, offload_path=False, mss=None, max_segment=65536,
+         script=[("tx", "ipv6", 9, True), ("rx", "data", 9)])
 @given(client=st.booleans(), offload_path=st.booleans(), mss=st.sampled_from([None, 1300]),
        max_segment=st.sampled_from([65536, 600]), script=events)
 def test_the_fast_path_does_what_the_layered_path_does(rig, client, offload_path, mss,
