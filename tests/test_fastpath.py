@@ -9,6 +9,7 @@ import ipaddress
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings, strategies as st
@@ -78,20 +79,13 @@ def tunnel(rig: Rig, client: bool, offload_path: bool, mss: int | None, max_segm
         router = Router(mss=mss, pool_key=b"k" * 16, timeout=300.0)
     router.set_tun_address(TUN4, ipaddress.IPv4Network("10.9.0.0/24"))
     router.set_tun_address6(TUN6, ipaddress.IPv6Network("fd00::/64"))
-    loop = default_wire(router, _FakeTun(rig.tun.fileno()), rig.sock, offload=offload_path,
-                        clock=FakeClock())
+    tun = SimpleNamespace(fd=rig.tun.fileno(), name="tun-fast")  # as the loop reads a tun
+    loop = default_wire(router, tun, rig.sock, offload=offload_path, clock=FakeClock())
     loop.set_max_segment(max_segment)
     assert loop.fast is not None
     if not fast:
         loop.fast = None
     return loop
-
-
-class _FakeTun:
-    name = "tun-fast"
-
-    def __init__(self, fd: int):
-        self.fd = fd
 
 
 def tx_packet(kind: str, payload: int, dst: bytes, offload_path: bool) -> bytes:
@@ -134,7 +128,7 @@ def rx_datagram(kind: str, payload: int) -> bytes:
     if kind == "bad_doff":
         return tcp_segment(data[:payload], doff=15 if payload < 40 else 3)
     if kind == "control":
-        return auth.HEADER.pack(auth.MAGIC, auth.VERSION, auth.HELLO, 0) + bytes(40)
+        return auth.header(auth.HELLO) + bytes(40)
     return tcp_segment(data[:payload], sport=7000, dport=40000, seq=payload, ack=9,
                        flags=packet.ACK | packet.PSH)
 
